@@ -1,0 +1,158 @@
+"""The ``arq-gym`` command line (also ``python -m arq_gym``).
+
+Every command takes ``--json`` to print one machine-readable JSON object as its last line and
+exits non-zero with a one-line error on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable]] = {}
+
+
+class CLIError(Exception):
+    """Bad input: printed as one line, exit status 2."""
+
+
+def command(name: str, help: str):
+    """Register ``fn(args) -> dict`` as a subcommand whose arguments ``add`` declares."""
+
+    def wrap(add):
+        def deco(fn):
+            COMMANDS[name] = (add, fn, help)
+            return fn
+
+        return deco
+
+    return wrap
+
+
+def _emit(args, result: dict, human: Callable[[dict], None] | None = None) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(result, default=float))
+    elif human is not None:
+        human(result)
+    else:
+        for k, v in result.items():
+            print(f"{k}: {v}")
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _add_data(p):
+    p.add_argument("--data-dir", help="folder holding the datasets (default: search order)")
+    p.add_argument("--download", action="store_true", help="download what is missing")
+
+
+@command("data", "find or prepare the datasets and report what was found")(_add_data)
+def cmd_data(args) -> dict:
+    from arq_gym.data import DataError, describe, load
+
+    if args.data_dir is not None:
+        from pathlib import Path
+
+        if not Path(args.data_dir).is_dir():
+            raise CLIError(f"data dir {args.data_dir!r} does not exist")
+    try:
+        found = describe(args.data_dir, download=args.download or None if args.download else False)
+    except DataError as exc:
+        raise CLIError(str(exc)) from exc
+    del load
+    return {"datasets": found}
+
+
+def _human_data(res: dict) -> None:
+    for d in res["datasets"]:
+        if "error" in d:
+            print(f"{d['dataset']}: not found ({d['error']})")
+        else:
+            print(f"{d['dataset']}: {d['format']} at {d['source']}: train {d['train']}, "
+                  f"val {d['val']}, test {d['test']} (sha256 {d['sha256'][:16]}...)")
+
+
+# --------------------------------------------------------------------------- train
+
+
+def _add_train(p):
+    p.add_argument("--model", default="resnet20", help="architecture (resnet20/32/44/56, lenet5)")
+    p.add_argument("--dataset", default=None, help="cifar10 or fashion_mnist (default: the model's)")
+    p.add_argument("--sigma", type=float, default=0.25, help="Gaussian noise std in [0,1] pixels")
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-bf16", action="store_true", help="train in plain fp32")
+    p.add_argument("--out", required=True, help="checkpoint path to write")
+    p.add_argument("--resume", action="store_true", help="continue from OUT.resume.pt")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--log-dir", default=None, help="TensorBoard folder (default: OUT.tb)")
+    p.add_argument("--device", default="cpu")
+
+
+@command("train", "train a base model with Gaussian noise augmentation")(_add_train)
+def cmd_train(args) -> dict:
+    from arq_gym.train import TrainConfig, train
+
+    cfg = TrainConfig(model=args.model, dataset=args.dataset, sigma=args.sigma, epochs=args.epochs,
+                      batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      bf16=not args.no_bf16, device=args.device)
+    meta = train(cfg, args.out, data_dir=args.data_dir, resume=args.resume,
+                 log_dir=args.log_dir or (args.out + ".tb"))
+    return {k: v for k, v in meta.items() if k != "history"} | {"out": args.out}
+
+
+# --------------------------------------------------------------------------- main
+
+_HUMAN = {"data": _human_data}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="arq-gym", description=__doc__.splitlines()[0])
+    from arq_gym import __version__
+
+    parser.add_argument("--version", action="version", version=f"arq-gym {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _load_commands()
+    for name, (add, _fn, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        add(p)
+        p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    return parser
+
+
+def _load_commands() -> None:
+    """Import modules that register further commands (kept lazy for a fast --help)."""
+    import importlib
+
+    for mod in ("arq_gym.cli_certify", "arq_gym.cli_search"):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name != mod:
+                raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _add, fn, _help = COMMANDS[args.command]
+    try:
+        result = fn(args)
+    except (CLIError, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"arq-gym {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"arq-gym {args.command}: interrupted", file=sys.stderr)
+        return 130
+    _emit(args, result, _HUMAN.get(args.command))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
