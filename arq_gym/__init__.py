@@ -5,3 +5,13 @@
 """
 
 __version__ = "0.1.0"
+
+
+def _register() -> None:
+    """Register the environments with Gymnasium (idempotent; see :mod:`arq_gym.envs`)."""
+    from arq_gym.envs import register_envs
+
+    register_envs()
+
+
+_register()

@@ -92,6 +92,7 @@ def _add_train(p):
     p.add_argument("--data-dir", default=None)
     p.add_argument("--log-dir", default=None, help="TensorBoard folder (default: OUT.tb)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--train-images", type=int, default=None, help="use only K training images")
 
 
 @command("train", "train a base model with Gaussian noise augmentation")(_add_train)
@@ -100,7 +101,8 @@ def cmd_train(args) -> dict:
 
     cfg = TrainConfig(model=args.model, dataset=args.dataset, sigma=args.sigma, epochs=args.epochs,
                       batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      bf16=not args.no_bf16, device=args.device)
+                      bf16=not args.no_bf16, device=args.device,
+                      train_images=args.train_images)
     meta = train(cfg, args.out, data_dir=args.data_dir, resume=args.resume,
                  log_dir=args.log_dir or (args.out + ".tb"))
     return {k: v for k, v in meta.items() if k != "history"} | {"out": args.out}

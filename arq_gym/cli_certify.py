@@ -1,0 +1,320 @@
+"""``arq-gym certify``: certify a base model, a policy file or a uniform bit-width.
+
+Full certification runs CERTIFY (Cohen et al.) on the quantized or FP network. With
+``--incremental`` the FP network's certification is built once into an IRS cache (reused on
+later runs when its metadata matches; shipped caches in ``arq_gym/models/caches`` are looked up
+first) and the network is certified incrementally with ``--n-p`` samples per image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from arq_gym.cli import CLIError, command
+
+SHIPPED_CACHES = Path(__file__).parent / "models" / "caches"
+
+
+def _add_certify(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="resnet20", help="architecture of a shipped base model")
+    p.add_argument(
+        "--dataset", default=None, help="dataset of the shipped model (default: its own)"
+    )
+    p.add_argument(
+        "--sigma",
+        type=float,
+        default=None,
+        help="noise level of the shipped model (default 0.25; with --checkpoint: its own)",
+    )
+    p.add_argument(
+        "--checkpoint", default=None, help="certify this checkpoint instead of a shipped one"
+    )
+    q = p.add_mutually_exclusive_group()
+    q.add_argument("--policy", default=None, help="arq-policy/1 JSON file to apply")
+    q.add_argument(
+        "--uniform",
+        type=int,
+        default=None,
+        metavar="BITS",
+        help="uniform weight/activation bits (first/last layer at 8)",
+    )
+    p.add_argument(
+        "--calib-images",
+        type=int,
+        default=512,
+        help="training images used to calibrate activation ranges (quantized runs)",
+    )
+    p.add_argument("--split", choices=("test", "val"), default="test")
+    p.add_argument(
+        "--images",
+        type=int,
+        default=500,
+        metavar="K",
+        help="certify K images, every (len(split)//K)-th (500 of 10,000 = every 20th)",
+    )
+    p.add_argument("--n0", type=int, default=100, help="selection samples")
+    p.add_argument("--n", type=int, default=100_000, help="estimation samples")
+    p.add_argument("--alpha", type=float, default=0.001, help="failure probability")
+    p.add_argument(
+        "--incremental",
+        action="store_true",
+        help="incremental certification (IRS) against a cached FP certificate",
+    )
+    p.add_argument("--n-p", type=int, default=None, help="IRS samples per image (default n/20)")
+    p.add_argument(
+        "--n-p-max",
+        type=int,
+        default=None,
+        help="FP predictions kept per image in the IRS cache (default n)",
+    )
+    p.add_argument(
+        "--alpha-zeta", type=float, default=0.001, help="IRS disparity failure probability"
+    )
+    p.add_argument("--gamma", type=float, default=0.99, help="IRS plain-certification threshold")
+    p.add_argument(
+        "--cache-dir", default=None, help="IRS cache folder (default: the user cache dir /irs)"
+    )
+    p.add_argument(
+        "--rebuild-cache", action="store_true", help="rebuild the IRS cache even if it fits"
+    )
+    p.add_argument("--out", default=None, help="write the per-image TSV here (and a .json summary)")
+    p.add_argument("--batch-size", type=int, default=400, help="noisy samples per forward pass")
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument(
+        "--noise-device",
+        default="cpu",
+        help="where the noise is generated: cpu (same values everywhere) or cuda (faster on a GPU)",
+    )
+    p.add_argument("--data-dir", default=None, help="folder holding the datasets")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _load_model(args):
+    from arq_gym.models import CheckpointError, ZooError, load_checkpoint, load_shipped
+
+    try:
+        if args.checkpoint:
+            model, meta = load_checkpoint(args.checkpoint)
+            if args.sigma is not None and abs(float(meta["sigma"]) - args.sigma) > 1e-12:
+                raise CLIError(
+                    f"--sigma {args.sigma} differs from the checkpoint's sigma "
+                    f"{meta['sigma']}; omit --sigma to use the checkpoint's"
+                )
+        else:
+            sigma = 0.25 if args.sigma is None else args.sigma
+            model, meta = load_shipped(args.model, args.dataset, sigma)
+    except (ZooError, CheckpointError) as exc:
+        raise CLIError(str(exc)) from exc
+    return model, meta
+
+
+def _quantize(args, model, sigma: float, splits, device):
+    """Wrap the model per --policy/--uniform (helper module arq_gym.quant); returns
+    (model, bops_fraction, description)."""
+    from arq_gym.cost import bops_fraction
+    from arq_gym.policy import Policy, load_policy
+    from arq_gym.quant import QuantizedModel, calibration_images
+
+    if args.calib_images < 1:
+        raise CLIError(f"--calib-images must be >= 1, got {args.calib_images}")
+    # the same calibration as arq_gym.problem: seeded draw of training images, noise seed 0
+    calib = calibration_images(splits.train, args.calib_images, seed=0)
+    qmodel = QuantizedModel(model, calib, sigma, seed=0)
+    layers = qmodel.layers
+    if args.policy:
+        policy, _doc = load_policy(args.policy, layers)
+        desc = f"policy {args.policy}"
+    else:
+        keep = None if args.uniform == 32 else 8
+        policy = Policy.uniform(len(layers), args.uniform, keep_first_last=keep)
+        desc = f"uniform W{args.uniform}A{args.uniform}"
+    qmodel.apply(policy)
+    return qmodel.to(device).eval(), float(bops_fraction(layers, policy)), desc
+
+
+def _check_args(args) -> None:
+    if args.images < 1:
+        raise CLIError(f"--images must be >= 1, got {args.images}")
+    if args.n < 1 or args.n0 < 1:
+        raise CLIError("--n and --n0 must be >= 1")
+    if args.n0 > args.n:
+        raise CLIError(f"--n0 ({args.n0}) must not exceed --n ({args.n})")
+    if not 0 < args.alpha < 0.5:
+        raise CLIError(f"--alpha must be in (0, 0.5), got {args.alpha}")
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.n_p is not None and not args.incremental:
+        raise CLIError("--n-p only applies with --incremental")
+    if args.incremental:
+        if args.n_p is None:
+            args.n_p = max(1, args.n // 20)
+        if args.n_p < 1:
+            raise CLIError(f"--n-p must be >= 1, got {args.n_p}")
+        n_p_max = args.n if args.n_p_max is None else args.n_p_max
+        if args.n_p > n_p_max or n_p_max > args.n:
+            raise CLIError(f"need --n-p ({args.n_p}) <= --n-p-max ({n_p_max}) <= --n ({args.n})")
+        args.n_p_max = n_p_max
+
+
+@command(
+    "certify",
+    "certify a base model, a policy or a uniform bit-width by randomized "
+    "smoothing (full or incremental)",
+)(_add_certify)
+def cmd_certify(args) -> dict:
+    import numpy as np
+    import torch
+
+    from arq_gym.data import DataError, load
+    from arq_gym.smoothing import (
+        build_irs_cache,
+        certify,
+        certify_incremental,
+        evenly_spaced,
+        find_irs_cache,
+        load_or_build_irs_cache,
+        resolve_device,
+    )
+
+    _check_args(args)
+    t_all = time.perf_counter()
+    device = resolve_device(args.device)
+    model, meta = _load_model(args)
+    sigma = float(meta["sigma"])
+    dataset = meta["dataset"]
+    try:
+        splits = load(dataset, args.data_dir)
+    except DataError as exc:
+        raise CLIError(str(exc)) from exc
+    split = splits.split(args.split)
+    if args.images > len(split):
+        raise CLIError(
+            f"--images {args.images} exceeds the {len(split)} images of the {args.split} split"
+        )
+    idx = evenly_spaced(len(split), args.images)
+    subset = split.subset(idx)
+    images = torch.from_numpy(np.ascontiguousarray(subset.x)).float() / 255.0
+    labels = subset.y.astype(np.int64)
+    model = model.to(device).eval()
+
+    if args.policy or args.uniform is not None:
+        net, bops_frac, what = _quantize(args, model, sigma, splits, device)
+    else:
+        net, bops_frac, what = model, 1.0, "fp32"
+    progress = not args.quiet
+    result: dict = {
+        "model": meta.get("architecture"),
+        "dataset": dataset,
+        "sigma": sigma,
+        "network": what,
+        "split": args.split,
+        "n0": args.n0,
+        "n": args.n,
+        "alpha": args.alpha,
+        "seed": args.seed,
+        "device": str(device),
+    }
+
+    if not args.incremental:
+        cert = certify(
+            net,
+            images,
+            labels,
+            sigma,
+            n0=args.n0,
+            n=args.n,
+            alpha=args.alpha,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            image_keys=idx,
+            device=device,
+            progress=progress,
+            noise_device=args.noise_device,
+        )
+        result["mode"] = "full"
+    else:
+        from arq_gym.data import user_cache_dir
+
+        expected = {
+            "checkpoint_sha256": meta["sha256"],
+            "data_sha256": subset.sha256(),
+            "sigma": sigma,
+            "n0": args.n0,
+            "n": args.n,
+            "alpha": args.alpha,
+            "seed": args.seed,
+            "n_p_max": args.n_p_max,
+        }
+        cache_dir = Path(args.cache_dir) if args.cache_dir else user_cache_dir() / "irs"
+        name = (
+            f"{meta.get('architecture')}_{dataset}_s{sigma:g}_{args.split}{args.images}_"
+            f"n{args.n}_a{args.alpha:g}_seed{args.seed}_{meta['sha256'][:12]}.npz"
+        )
+        path = cache_dir / name
+        if not args.rebuild_cache and not path.is_file():
+            path = find_irs_cache(expected, [SHIPPED_CACHES]) or path
+
+        def build():
+            return build_irs_cache(
+                model,
+                images,
+                labels,
+                sigma,
+                n0=args.n0,
+                n=args.n,
+                alpha=args.alpha,
+                n_p_max=args.n_p_max,
+                seed=args.seed,
+                image_keys=idx,
+                batch_size=args.batch_size,
+                device=device,
+                progress=progress,
+                checkpoint_sha256=meta["sha256"],
+                data_sha256=subset.sha256(),
+                noise_device=args.noise_device,
+            )
+
+        if args.rebuild_cache:
+            cache = build()
+            cache.save(path)
+        else:
+            cache = load_or_build_irs_cache(path, expected, build)
+        cert = certify_incremental(
+            net,
+            images,
+            labels,
+            cache,
+            n_p=args.n_p,
+            alpha_zeta=args.alpha_zeta,
+            gamma=args.gamma,
+            batch_size=args.batch_size,
+            device=device,
+            progress=progress,
+        )
+        fp = cache.certificate()
+        result |= {
+            "mode": "incremental",
+            "n_p": args.n_p,
+            "alpha_zeta": args.alpha_zeta,
+            "gamma": args.gamma,
+            "cache": str(path),
+            "cache_built": bool(cache.built),
+            "cache_seconds": float(cache.meta["seconds"]) if cache.built else 0.0,
+            "branches": cert.meta["branches"],
+            "fp_acr": fp.acr,
+            "fp_clean_accuracy": fp.clean_accuracy,
+        }
+    summary = cert.summary()
+    result |= summary | {"bops_fraction": bops_frac, "total_seconds": time.perf_counter() - t_all}
+    if args.out:
+        out = Path(args.out)
+        cert.to_tsv(out)
+        extra = {
+            k: v for k, v in result.items() if k not in summary and k not in ("sigma", "alpha")
+        }
+        cert.to_json(out.with_suffix(".json"), **extra)
+        result["out"] = str(out)
+    return result

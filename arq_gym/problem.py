@@ -1,0 +1,708 @@
+"""The quantization problem every search algorithm shares: model, data, budget, certifier, cache.
+
+A :class:`QuantizationProblem` is built once per (base model, data subset, sigma, fidelity,
+noise seed, budget): it finds the quantizable layers, calibrates one
+:class:`~arq_gym.quant.QuantizedModel` on noisy training images, and loads (or builds once) the
+IRS cache of the FP32 network's certification on the evaluation subset. Then
+
+* :meth:`QuantizationProblem.enforce` turns requested bit-widths into a policy that fits the
+  BOPs budget (``budget_mode`` "haq" or "clip", :mod:`arq_gym.budget`), and
+* :meth:`QuantizationProblem.evaluate` certifies the smoothed quantized network incrementally
+  (:func:`arq_gym.smoothing.certify_incremental`) and returns ``(certificate, info)``.
+
+Evaluations are cached in memory, keyed by the enforced policy, and optionally on disk in
+``cache_dir/evals/<problem key>/<policy key>.json`` (one small file per policy, written
+atomically with :func:`os.replace`, so several processes can share the folder).
+
+The environments (:mod:`arq_gym.envs`) are thin wrappers around a problem; non-RL searchers call
+:func:`make_problem` with the same keyword arguments as ``gym.make`` and use the problem
+directly, so all of them share one evaluation path and one cache. :func:`make_problem` keeps a
+process-wide memo, so environments made with the same arguments share one problem.
+
+Where the IRS cache is looked for: ``arq_gym/models/caches/<checkpoint sha256[:16]>_<fidelity
+key>.npz`` (shipped with the package, read-only), then ``cache_dir/irs/`` when ``cache_dir`` is
+given, else ``<user cache dir>/irs/`` (see :func:`arq_gym.data.user_cache_dir`). A cache whose
+metadata does not match the problem is rebuilt in the writable location, never used.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import fields
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from arq_gym.budget import (
+    BUDGET_MODES,
+    BudgetError,
+    check_bits_range,
+    check_feasible,
+    clip_bits,
+    enforce_budget,
+    pinned_layers,
+)
+from arq_gym.cost import bops, fp32_bops
+from arq_gym.fidelity import Fidelity, get_fidelity
+from arq_gym.policy import Policy, valid_bits
+
+__all__ = [
+    "REWARDS",
+    "SHIPPED_CACHE_DIR",
+    "Evaluation",
+    "QuantizationProblem",
+    "clear_problem_memo",
+    "make_problem",
+    "reward_value",
+    "ship_irs_cache",
+]
+
+#: reward names understood by :func:`reward_value` and the environments
+REWARDS = ("acr", "certified_accuracy", "clean_accuracy", "acr_delta")
+#: shipped IRS caches (package data, read-only)
+SHIPPED_CACHE_DIR = Path(__file__).parent / "models" / "caches"
+#: how many training images calibrate the activation quantizers
+CALIBRATION_IMAGES = 512
+EVAL_FORMAT = "arq-eval/1"
+
+
+# process-wide memos: problems by construction arguments, calibrated quantized models by
+# (checkpoint, sigma, device, calibration images, data); one certification at a time, since
+# problems that share a quantized model re-apply their policy before certifying
+_MEMO: dict[tuple, QuantizationProblem] = {}
+_QUANTIZED: dict[tuple, Any] = {}
+_MEMO_LOCK = threading.RLock()
+_CERTIFY_LOCK = threading.RLock()
+
+
+class Evaluation(NamedTuple):
+    """Result of :meth:`QuantizationProblem.evaluate`; unpacks as ``certificate, info``."""
+
+    certificate: Any  # arq_gym.smoothing.Certificate
+    info: dict
+
+    @property
+    def policy(self) -> Policy:
+        """The enforced policy that was certified."""
+        return Policy(tuple(self.info["w_bits"]), tuple(self.info["a_bits"]))
+
+
+def reward_value(name: str, certificate: Any, fp_acr: float = 0.0, radius: float = 0.25) -> float:
+    """The named reward of a certificate (see :data:`REWARDS`) as a Python float."""
+    if name == "acr":
+        return float(certificate.acr)
+    if name == "certified_accuracy":
+        return float(certificate.certified_accuracy(radius))
+    if name == "clean_accuracy":
+        return float(certificate.clean_accuracy)
+    if name == "acr_delta":
+        return float(certificate.acr) - float(fp_acr)
+    raise ValueError(f"unknown reward {name!r}; choose one of {', '.join(REWARDS)}")
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"unsupported device {str(device)!r}; use 'auto', 'cpu' or 'cuda'"
+        ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            "device 'cuda' was requested but CUDA is not available; use 'cpu' or 'auto'"
+        )
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {str(device)!r}; use 'auto', 'cpu' or 'cuda'")
+    return dev
+
+
+def _state_sha256(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _to_float(x_uint8: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x_uint8)).float().div_(255.0)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _certificate_to_dict(cert: Any) -> dict:
+    out = {}
+    for f in fields(cert):
+        value = getattr(cert, f.name)
+        out[f.name] = value.tolist() if isinstance(value, np.ndarray) else value
+    return out
+
+
+def _certificate_from_dict(data: dict) -> Any:
+    from arq_gym.smoothing import Certificate
+
+    return Certificate(**data)
+
+
+class QuantizationProblem:
+    """Mixed-precision quantization of one smoothed base model under a BOPs budget.
+
+    Args:
+        model: the FP32 base model (images in [0, 1], normalisation inside).
+        meta: its checkpoint metadata (``architecture``, ``dataset``, ``sigma``, ``sha256``).
+        splits: the dataset (:func:`arq_gym.data.load`); the evaluation subset is taken from the
+            fidelity's split, the calibration images from the training split.
+        sigma: noise level of the smoothed classifier (default: ``meta["sigma"]``).
+        budget: BOPs budget as a fraction of the FP32 network's BOPs (1/64 = uniform W4A4).
+        bits: ``(min, max)`` bit-widths an agent may choose.
+        keep_first_last: bits of the first and last layers (weights and activations), or None
+            to search them too.
+        budget_mode: "haq" (lower bits after the episode, HAQ) or "clip" (clip each step).
+        fidelity: preset name or :class:`~arq_gym.fidelity.Fidelity` (images, n, n_p, ...).
+        device: "auto", "cpu" or "cuda".
+        cache_dir: folder for IRS caches and the persistent evaluation cache (None: IRS caches
+            in the user cache directory, evaluations cached in memory only).
+        seed: seed of the certification noise.
+        calibration_images: number of training images that calibrate activation ranges.
+        batch_size: noisy samples per forward pass (default 400 on CPU, 2,000 on CUDA).
+        progress: show progress bars while building the IRS cache.
+
+    Raises:
+        BudgetError: the budget cannot be met even with every layer at the minimum bits.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        meta: dict,
+        splits: Any,
+        *,
+        sigma: float | None = None,
+        budget: float = 1 / 64,
+        bits: Sequence[int] = (2, 8),
+        keep_first_last: int | None = 8,
+        budget_mode: str = "haq",
+        fidelity: str | Fidelity = "search",
+        device: str = "cpu",
+        cache_dir: str | os.PathLike | None = None,
+        seed: int = 0,
+        calibration_images: int = CALIBRATION_IMAGES,
+        batch_size: int | None = None,
+        progress: bool = False,
+    ) -> None:
+        from arq_gym.quant import QuantizedModel, find_layers
+        from arq_gym.quant import calibration_images as calibration_images_of
+
+        self.fidelity = get_fidelity(fidelity)
+        self.meta = dict(meta)
+        self.sigma = float(meta["sigma"] if sigma is None else sigma)
+        if not (math.isfinite(self.sigma) and self.sigma > 0):
+            raise ValueError(f"sigma must be a positive number, got {sigma!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        self.seed = int(seed)
+        self.device = _resolve_device(device)
+        self.batch_size = int(batch_size or (2000 if self.device.type == "cuda" else 400))
+        self.cache_dir = None if cache_dir is None else Path(cache_dir).expanduser()
+        self.progress = progress
+        self.architecture = meta.get("architecture", type(model).__name__.lower())
+        self.dataset = meta.get("dataset")
+        self.checkpoint_sha256 = meta.get("sha256") or _state_sha256(model)
+
+        # evaluation subset: evenly spaced images of the fidelity's split
+        split = splits.split(self.fidelity.split)
+        self.data_indices = self.fidelity.subset_indices(len(split))
+        subset = split.subset(self.data_indices)
+        self.data_sha256 = subset.sha256()
+        self.images = _to_float(subset.x)
+        self.labels = torch.from_numpy(np.asarray(subset.y, dtype=np.int64))
+        info = getattr(splits, "info", None)
+        self.num_classes = len(info.classes) if info is not None else 10
+
+        # layers and the quantized copy, calibrated once on noisy training images
+        self.model = model.to(self.device).eval()
+        sample = self.images[:1].to(self.device)
+        self.layers = list(find_layers(self.model, sample))
+        if not self.layers:
+            raise ValueError(f"model {self.architecture!r} has no quantizable conv/linear layers")
+        self.calibration_images = int(calibration_images)
+        qkey = (self.checkpoint_sha256, self.sigma, str(self.device), self.calibration_images,
+                getattr(splits, "sha256", None) or splits.train.sha256())  # fmt: skip
+        with _MEMO_LOCK:
+            self.quantized = _QUANTIZED.get(qkey)
+        if self.quantized is None:
+            calib = calibration_images_of(splits.train, self.calibration_images, seed=0)
+            self.quantized = QuantizedModel(self.model, calib, self.sigma, seed=0)
+            self.quantized.to(self.device).eval()
+            with _MEMO_LOCK:
+                _QUANTIZED[qkey] = self.quantized
+
+        self._configure_budget(budget, bits, keep_first_last, budget_mode)
+        self._memo: dict[tuple, Any] = {}
+        self.irs_cache, self.irs_cache_path = self._load_irs_cache()
+        self.fp_certificate = self._fp_certificate()
+        self.fp_acr = float(self.fp_certificate.acr)
+
+    # ------------------------------------------------------------------ budget configuration
+
+    def _configure_budget(self, budget, bits, keep_first_last, budget_mode) -> None:
+        if budget_mode not in BUDGET_MODES:
+            raise ValueError(f"unknown budget_mode {budget_mode!r}; choose one of "
+                             f"{', '.join(BUDGET_MODES)}")  # fmt: skip
+        self.bits = check_bits_range(bits)
+        if keep_first_last is not None and (
+            isinstance(keep_first_last, bool)
+            or not isinstance(keep_first_last, (int, float, np.integer))
+            or int(keep_first_last) != keep_first_last
+            or not valid_bits(int(keep_first_last))
+        ):
+            raise ValueError(
+                f"keep_first_last must be None, 32 or an integer in [2, 8], got {keep_first_last!r}"
+            )
+        self.keep_first_last = None if keep_first_last is None else int(keep_first_last)
+        if isinstance(budget, bool) or not isinstance(budget, (int, float, Fraction)):
+            raise BudgetError(f"budget must be a number (fraction of FP32 BOPs), got {budget!r}")
+        self.budget = float(budget)
+        self.budget_mode = budget_mode
+        check_feasible(self.layers, self.budget, self.bits, self.keep_first_last)
+        self.pinned = pinned_layers(len(self.layers), self.keep_first_last)
+        self.macs = [int(layer.macs) for layer in self.layers]
+        self.fp32_bops = fp32_bops(self.layers)
+        self.budget_bops = Fraction(self.budget) * self.fp32_bops
+
+    def with_options(
+        self,
+        budget: float | None = None,
+        bits: Sequence[int] | None = None,
+        keep_first_last: int | None | str = "same",
+        budget_mode: str | None = None,
+        cache_dir: str | os.PathLike | None | str = "same",
+    ) -> QuantizationProblem:
+        """A problem sharing this one's model, data, calibration, IRS cache and in-memory
+        evaluation cache, with other budget settings or another ``cache_dir`` (arguments left
+        out keep their current values). A new ``cache_dir`` receives a copy of the IRS cache."""
+        other = copy.copy(self)
+        other._configure_budget(
+            self.budget if budget is None else budget,
+            self.bits if bits is None else bits,
+            self.keep_first_last if keep_first_last == "same" else keep_first_last,
+            self.budget_mode if budget_mode is None else budget_mode,
+        )
+        if cache_dir != "same":
+            other.cache_dir = None if cache_dir is None else Path(cache_dir).expanduser()
+            if other.cache_dir is not None:
+                dest = other.cache_dir / "irs" / self.irs_cache_name()
+                if not dest.is_file():
+                    self.irs_cache.save(dest)
+                other.irs_cache_path = dest
+        return other
+
+    # ------------------------------------------------------------------ IRS cache
+
+    def _irs_expected(self) -> dict:
+        # the noise of image i is addressed by its index in the split (``image_keys``), so an
+        # image gets the same noise in every subset that contains it
+        f = self.fidelity
+        return {
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "data_sha256": self.data_sha256,
+            "sigma": self.sigma,
+            "n0": f.n0,
+            "n": f.n,
+            "alpha": f.alpha,
+            "seed": self.seed,
+            "n_p_max": f.n_p,
+        }
+
+    def irs_cache_name(self) -> str:
+        """File name of this problem's IRS cache: ``<sha256[:16]>_<fidelity key>.npz``."""
+        suffix = "" if self.seed == 0 else f"-seed{self.seed}"
+        return f"{self.checkpoint_sha256[:16]}_{self.fidelity.key}{suffix}.npz"
+
+    def _load_irs_cache(self):
+        from arq_gym.smoothing import IRSCache, build_irs_cache, load_or_build_irs_cache
+
+        expected = self._irs_expected()
+        shipped = SHIPPED_CACHE_DIR / self.irs_cache_name()
+        if shipped.is_file():
+            try:
+                cache = IRSCache.load(shipped)
+                if not cache.mismatches(expected) and self._keys_match(cache):
+                    return cache, shipped
+            except Exception:  # a damaged shipped cache falls through to a rebuild
+                pass
+        if self.cache_dir is not None:
+            root = self.cache_dir / "irs"
+        else:
+            from arq_gym.data import user_cache_dir
+
+            root = user_cache_dir() / "irs"
+        path = root / self.irs_cache_name()
+        f = self.fidelity
+
+        def build():
+            return build_irs_cache(
+                self.model, self.images, self.labels, self.sigma, n0=f.n0, n=f.n, alpha=f.alpha,
+                n_p_max=f.n_p, seed=self.seed, batch_size=self.batch_size, device=self.device,
+                progress=self.progress, checkpoint_sha256=self.checkpoint_sha256,
+                data_sha256=self.data_sha256, num_classes=self.num_classes,
+                image_keys=self.data_indices,
+            )  # fmt: skip
+
+        cache = load_or_build_irs_cache(path, expected, build)
+        if not self._keys_match(cache):  # noise addressed by other image keys: rebuild
+            cache = build()
+            cache.save(path)
+        return cache, path
+
+    def _keys_match(self, cache) -> bool:
+        return np.array_equal(np.asarray(cache.image_keys), self.data_indices)
+
+    def _fp_certificate(self):
+        return self.irs_cache.certificate()
+
+    # ------------------------------------------------------------------ costs and enforcement
+
+    @property
+    def num_layers(self) -> int:
+        """Number of quantizable layers (steps of an episode)."""
+        return len(self.layers)
+
+    def bops(self, w_bits: Sequence[int], a_bits: Sequence[int] | None = None) -> int:
+        """BOPs of a full policy (``a_bits`` defaults to ``w_bits``)."""
+        return bops(self.layers, w_bits, w_bits if a_bits is None else a_bits)
+
+    def min_bits_of(self, index: int) -> int:
+        """The cheapest bit-width layer ``index`` can get (its pinned bits if pinned)."""
+        return self.pinned.get(index, self.bits[0])
+
+    def min_bops_from(self, index: int) -> int:
+        """BOPs of layers ``index ..`` at their cheapest bit-widths."""
+        return sum(self.macs[j] * self.min_bits_of(j) ** 2 for j in range(index, self.num_layers))
+
+    def step_bits(self, index: int, requested: int, spent_bops: int) -> int:
+        """Bits layer ``index`` gets during an episode: its pinned bits, else ``requested``
+        clipped into ``bits`` and, in "clip" mode, lowered so that the rest still fits
+        (``spent_bops``: cost of the layers before it)."""
+        if index in self.pinned:
+            return self.pinned[index]
+        if self.budget_mode == "clip":
+            return clip_bits(index, requested, spent_bops, self.layers, self.budget, self.bits,
+                             self.keep_first_last)  # fmt: skip
+        return int(min(max(int(requested), self.bits[0]), self.bits[1]))
+
+    def enforce(self, requested: Policy | Sequence[int]) -> Policy:
+        """The policy that is certified for ``requested`` (a Policy or one bit-width per layer):
+        pinned layers set, bits clipped into range, the budget enforced with ``budget_mode``."""
+        if isinstance(requested, Policy):
+            w, a = list(requested.w_bits), list(requested.a_bits)
+        else:
+            w = [int(b) for b in requested]
+            a = list(w)
+        if len(w) != self.num_layers:
+            raise ValueError(f"policy has {len(w)} layers but the model has {self.num_layers} "
+                             "quantizable layers")  # fmt: skip
+        lo, hi = self.bits
+        for i in range(self.num_layers):
+            if i in self.pinned:
+                w[i] = a[i] = self.pinned[i]
+            else:
+                w[i], a[i] = min(max(w[i], lo), hi), min(max(a[i], lo), hi)
+        if self.budget_mode == "clip" and w != a:
+            # clip mode works on one bit-width per layer; use the smaller of the two
+            w = a = [min(x, y) for x, y in zip(w, a)]
+        policy = Policy(tuple(w), tuple(a))
+        return enforce_budget(policy, self.layers, self.budget, self.budget_mode, self.bits,
+                              self.keep_first_last)  # fmt: skip
+
+    def cost_info(self, policy: Policy) -> dict:
+        """``w_bits``, ``a_bits``, ``bops``, ``bops_fraction`` and ``budget`` of a policy."""
+        total = self.bops(policy.w_bits, policy.a_bits)
+        return {
+            "w_bits": list(policy.w_bits),
+            "a_bits": list(policy.a_bits),
+            "bops": int(total),
+            "bops_fraction": total / self.fp32_bops,
+            "budget": self.budget,
+        }
+
+    # ------------------------------------------------------------------ evaluation
+
+    def eval_key(self) -> str:
+        """Identifies everything a certificate depends on except the policy (16 hex digits)."""
+        from arq_gym import __version__
+
+        ident = {
+            "format": EVAL_FORMAT,
+            "version": __version__,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "data_sha256": self.data_sha256,
+            "sigma": self.sigma,
+            "fidelity": self.fidelity.to_dict(),
+            "seed": self.seed,
+            "device": self.device.type,
+            "quantizer": {
+                "per_channel": self.quantized.per_channel,
+                "calibration": self.quantized.calibration,
+                "calibration_images": self.calibration_images,
+            },
+        }
+        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+    def _eval_path(self, policy: Policy) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        name = "w" + "-".join(map(str, policy.w_bits)) + "_a" + "-".join(map(str, policy.a_bits))
+        if len(name) > 180:
+            name = hashlib.sha256(name.encode()).hexdigest()[:32]
+        return self.cache_dir / "evals" / self.eval_key() / f"{name}.json"
+
+    def _load_eval(self, path: Path | None, policy: Policy):
+        if path is None or not path.is_file():
+            return None
+        try:
+            doc = json.loads(path.read_text())
+            if doc.get("format") != EVAL_FORMAT or doc.get("policy") != policy.to_dict():
+                return None
+            return _certificate_from_dict(doc["certificate"])
+        except Exception:  # an unreadable entry is recomputed and overwritten
+            return None
+
+    def _certify(self, policy: Policy):
+        from arq_gym.smoothing import certify_incremental
+
+        f = self.fidelity
+        self.quantized.apply(policy)
+        with torch.inference_mode():
+            return certify_incremental(
+                self.quantized, self.images, self.labels, self.irs_cache, n_p=f.n_p,
+                alpha_zeta=f.alpha_zeta, gamma=f.gamma, batch_size=self.batch_size,
+                device=self.device, progress=False,
+            )  # fmt: skip
+
+    def evaluate(self, policy: Policy | Sequence[int]) -> Evaluation:
+        """Enforce the budget on ``policy`` and certify the smoothed quantized network.
+
+        Returns ``(certificate, info)``; ``info`` holds ``w_bits``, ``a_bits`` (enforced),
+        ``bops``, ``bops_fraction``, ``budget``, ``acr``, ``certified_accuracy`` (radius
+        string -> fraction), ``clean_accuracy``, ``abstain_rate``, ``fp_acr``, ``eval_seconds``
+        and ``cache_hit``.
+        """
+        t0 = time.perf_counter()
+        enforced = self.enforce(policy)
+        key = (enforced.w_bits, enforced.a_bits)
+        with _CERTIFY_LOCK:
+            cert = self._memo.get(key)
+            hit = cert is not None
+            if cert is None:
+                path = self._eval_path(enforced)
+                cert = self._load_eval(path, enforced)
+                hit = cert is not None
+                if cert is None:
+                    cert = self._certify(enforced)
+                    if path is not None:
+                        doc = {"format": EVAL_FORMAT, "policy": enforced.to_dict(),
+                               "certificate": _certificate_to_dict(cert)}  # fmt: skip
+                        _atomic_write_text(path, json.dumps(doc, default=_json_default))
+                self._memo[key] = cert
+        summary = cert.summary()
+        info = self.cost_info(enforced)
+        info.update(
+            acr=float(summary["acr"]),
+            certified_accuracy=dict(summary["certified_accuracy"]),
+            clean_accuracy=float(summary["clean_accuracy"]),
+            abstain_rate=float(summary["abstain_rate"]),
+            fp_acr=self.fp_acr,
+            eval_seconds=time.perf_counter() - t0,
+            cache_hit=bool(hit),
+        )
+        return Evaluation(cert, info)
+
+    def clear_memory_cache(self) -> None:
+        """Forget the in-memory evaluations (shared with problems from :meth:`with_options`);
+        the persistent cache in ``cache_dir`` is kept."""
+        with _CERTIFY_LOCK:
+            self._memo.clear()
+
+    def reward(self, certificate: Any, name: str = "acr", radius: float = 0.25) -> float:
+        """The named reward of a certificate of this problem (see :func:`reward_value`)."""
+        return reward_value(name, certificate, self.fp_acr, radius)
+
+    def describe(self) -> dict:
+        """The problem's settings as a JSON-ready dict."""
+        return {
+            "model": self.architecture,
+            "dataset": self.dataset,
+            "sigma": self.sigma,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "data_sha256": self.data_sha256,
+            "layers": self.num_layers,
+            "budget": self.budget,
+            "bits": list(self.bits),
+            "keep_first_last": self.keep_first_last,
+            "budget_mode": self.budget_mode,
+            "fidelity": self.fidelity.to_dict(),
+            "seed": self.seed,
+            "device": str(self.device),
+            "fp_acr": self.fp_acr,
+            "fp_clean_accuracy": float(self.fp_certificate.clean_accuracy),
+            "irs_cache": str(self.irs_cache_path),
+        }
+
+    def __repr__(self) -> str:
+        return (f"QuantizationProblem({self.architecture}, {self.dataset}, sigma={self.sigma}, "
+                f"budget={self.budget:.6g}, fidelity={self.fidelity.key!r}, "
+                f"layers={self.num_layers})")  # fmt: skip
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+
+
+# ---------------------------------------------------------------------- make_problem + memo
+
+
+def clear_problem_memo() -> None:
+    """Forget every problem :func:`make_problem` has built and every calibrated quantized
+    model (frees their memory; the next problem calibrates again)."""
+    with _MEMO_LOCK:
+        _MEMO.clear()
+        _QUANTIZED.clear()
+
+
+def _file_ident(path: str | os.PathLike) -> tuple:
+    p = Path(path).expanduser().resolve()
+    if not p.is_file():
+        from arq_gym.models import CheckpointError
+
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    st = p.stat()
+    return (str(p), st.st_size, st.st_mtime_ns)
+
+
+def make_problem(
+    model: str = "resnet20",
+    dataset: str | None = None,
+    sigma: float | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    budget: float = 1 / 64,
+    bits: Sequence[int] = (2, 8),
+    keep_first_last: int | None = 8,
+    budget_mode: str = "haq",
+    fidelity: str | Fidelity = "search",
+    images: int | None = None,
+    n: int | None = None,
+    n_p: int | None = None,
+    alpha: float | None = None,
+    device: str = "auto",
+    data_dir: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> QuantizationProblem:
+    """Build (or reuse) the problem the environments' keyword arguments describe.
+
+    The base model is the shipped one for ``(model, dataset, sigma)`` (sigma defaults to 0.25),
+    or the checkpoint at ``checkpoint`` (its metadata gives architecture and dataset; ``sigma``
+    defaults to the sigma it was trained with). Problems are memoised process-wide by their
+    arguments, so the calibration and the IRS cache are built once per process; problems that
+    differ only in budget settings or ``cache_dir`` share model, data, calibration and the
+    in-memory evaluation cache (see :meth:`QuantizationProblem.with_options`).
+    """
+    fid = get_fidelity(fidelity, images=images, n=n, n_p=n_p, alpha=alpha)
+    dev = _resolve_device(device)
+    if sigma is not None and (
+        isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma)
+        or sigma <= 0
+    ):  # fmt: skip
+        raise ValueError(f"sigma must be a positive number, got {sigma!r}")
+    if data_dir is None and os.environ.get("ARQ_GYM_DATA"):
+        data_ident = os.pathsep.join(
+            str(Path(part).expanduser().resolve())
+            for part in os.environ["ARQ_GYM_DATA"].split(os.pathsep) if part
+        )  # fmt: skip
+    else:
+        data_ident = None if data_dir is None else str(Path(data_dir).expanduser().resolve())
+    model_ident = (
+        ("checkpoint", _file_ident(checkpoint))
+        if checkpoint is not None
+        else ("shipped", model, dataset, 0.25 if sigma is None else float(sigma))
+    )
+    cache_ident = None if cache_dir is None else str(Path(cache_dir).expanduser().resolve())
+    base_key = (model_ident, None if sigma is None else float(sigma), fid, str(dev), data_ident,
+                int(seed))  # fmt: skip
+    bits_ident = tuple(bits) if isinstance(bits, (list, tuple)) else bits
+    budget_key = repr((budget, bits_ident, keep_first_last, budget_mode, cache_ident))
+    with _MEMO_LOCK:
+        full = _MEMO.get((base_key, budget_key))
+        if full is not None:
+            return full
+        base = next((p for (bk, _), p in _MEMO.items() if bk == base_key), None)
+        if base is not None:
+            problem = base.with_options(budget, bits, keep_first_last, budget_mode, cache_dir)
+        else:
+            problem = _build_problem(model, dataset, sigma, checkpoint, budget, bits,
+                                     keep_first_last, budget_mode, fid, dev, data_dir, cache_dir,
+                                     seed, progress)  # fmt: skip
+        _MEMO[(base_key, budget_key)] = problem
+        return problem
+
+
+def _build_problem(model, dataset, sigma, checkpoint, budget, bits, keep_first_last,
+                   budget_mode, fid, dev, data_dir, cache_dir, seed, progress):  # fmt: skip
+    from arq_gym import data as data_mod
+    from arq_gym.models import load_checkpoint, load_shipped
+
+    if checkpoint is not None:
+        net, meta = load_checkpoint(checkpoint)
+        for key in ("architecture", "dataset", "sigma"):
+            if key not in meta:
+                raise ValueError(f"checkpoint {checkpoint} has no {key!r} in its metadata")
+    else:
+        net, meta = load_shipped(model, dataset, 0.25 if sigma is None else float(sigma))
+    splits = data_mod.load(meta["dataset"], data_dir=data_dir)
+    return QuantizationProblem(
+        net, meta, splits, sigma=sigma, budget=budget, bits=bits,
+        keep_first_last=keep_first_last, budget_mode=budget_mode, fidelity=fid, device=str(dev),
+        cache_dir=cache_dir, seed=seed, progress=progress,
+    )  # fmt: skip
+
+
+def ship_irs_cache(problem: QuantizationProblem) -> Path:
+    """Copy a problem's IRS cache into the package (``arq_gym/models/caches``) so that envs
+    with the same model and fidelity start without certifying (maintainers)."""
+    import shutil
+
+    SHIPPED_CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    dest = SHIPPED_CACHE_DIR / problem.irs_cache_name()
+    if Path(problem.irs_cache_path).resolve() != dest.resolve():
+        shutil.copyfile(problem.irs_cache_path, dest)
+    return dest

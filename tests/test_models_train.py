@@ -1,0 +1,133 @@
+"""Architectures, checkpoints, the zoo, and resumable noise-augmented training."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from arq_gym.models import (
+    CheckpointError,
+    ZooError,
+    build,
+    load_checkpoint,
+    load_shipped,
+    save_checkpoint,
+    shipped_models,
+)
+from arq_gym.models import zoo
+
+
+def test_resnet20_shape_and_parameters():
+    model = build("resnet20").eval()
+    # 0.27M parameters (He et al. 2016, Table 6) with parameter-free option-A shortcuts
+    assert sum(p.numel() for p in model.parameters()) == 269_722
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    for depth in (32, 44, 56):
+        n_conv = sum(isinstance(m, torch.nn.Conv2d) for m in build(f"resnet{depth}").modules())
+        assert n_conv == depth - 1
+
+
+def test_normalisation_is_the_first_layer():
+    model = build("resnet20").eval()
+    x = torch.rand(1, 3, 32, 32)
+    mean, std = model.normalize.mean, model.normalize.std
+    manual = model.conv1((x - mean) / std)
+    assert torch.allclose(model.conv1(model.normalize(x)), manual)
+
+
+def test_lenet_shape():
+    assert build("lenet5")(torch.rand(3, 1, 28, 28)).shape == (3, 10)
+
+
+def test_unknown_architecture():
+    with pytest.raises(ValueError, match="unknown architecture 'vgg'"):
+        build("vgg")
+
+
+def test_checkpoint_roundtrip_and_sha_check(tmp_path):
+    model = build("lenet5")
+    path = tmp_path / "m.pt"
+    sha = save_checkpoint(model, {"architecture": "lenet5", "dataset": "fashion_mnist", "sigma": 0.5}, path)
+    loaded, meta = load_checkpoint(path, sha256=sha)
+    assert meta["sigma"] == 0.5 and meta["sha256"] == sha
+    for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_checkpoint(path, sha256="0" * 64)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="cannot load checkpoint"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_shipped_models_verify_and_load():
+    entries = shipped_models()
+    assert entries, "the package ships base models"
+    for e in entries:
+        model, meta = load_shipped(e["architecture"], e["dataset"], e["sigma"])
+        assert meta["sha256"] == e["sha256"] and not model.training
+        assert meta["epochs"] >= 1 and 0.0 < meta["clean_test_accuracy"] <= 1.0
+
+
+def test_shipped_model_with_wrong_sha_is_refused(tmp_path, monkeypatch):
+    entry = shipped_models()[0]
+    fake_dir = tmp_path / "weights"
+    fake_dir.mkdir()
+    (fake_dir / entry["file"]).write_bytes(
+        (zoo.WEIGHTS_DIR / entry["file"]).read_bytes() + b"tampered")
+    (fake_dir / "manifest.json").write_text(json.dumps({"models": [entry]}))
+    monkeypatch.setattr(zoo, "WEIGHTS_DIR", fake_dir)
+    monkeypatch.setattr(zoo, "MANIFEST", fake_dir / "manifest.json")
+    with pytest.raises(CheckpointError, match="corrupt or was replaced"):
+        load_shipped(entry["architecture"], entry["dataset"], entry["sigma"])
+
+
+def test_unknown_shipped_architecture_or_sigma():
+    with pytest.raises(ZooError, match="no shipped model for architecture 'vgg'"):
+        load_shipped("vgg", sigma=0.25)
+    with pytest.raises(ZooError, match="shipped sigmas"):
+        load_shipped("lenet5", sigma=0.33)
+
+
+def _train_cmd(out, epochs, extra=()):
+    return [sys.executable, "-m", "arq_gym", "train", "--model", "lenet5", "--sigma", "0.25",
+            "--epochs", str(epochs), "--train-images", "3000", "--out", str(out), "--json", *extra]
+
+
+def test_training_resumes_after_sigkill(tmp_path, data_dir):
+    env = {**os.environ, "ARQ_GYM_DATA": str(data_dir), "ARQ_GYM_CACHE": str(tmp_path / "cache")}
+    ref = tmp_path / "ref.pt"
+    done = subprocess.run(_train_cmd(ref, 3), env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    meta = json.loads(done.stdout.strip().splitlines()[-1])
+    assert meta["epochs"] == 3 and meta["clean_test_accuracy"] > 0.5  # learns, not chance (0.1)
+
+    out = tmp_path / "run.pt"
+    resume_file = tmp_path / "run.pt.resume.pt"
+    proc = subprocess.Popen(_train_cmd(out, 3), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not resume_file.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert resume_file.exists() and not out.exists()
+    # without --resume the existing run is not overwritten
+    again = subprocess.run(_train_cmd(out, 3), env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "pass --resume" in again.stderr
+    resumed = subprocess.run(_train_cmd(out, 3, ["--resume"]), env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, _ = load_checkpoint(ref)
+    b, meta_b = load_checkpoint(out)
+    assert [h["epoch"] for h in meta_b["history"]] == [1, 2, 3]
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(x.float(), y.float(), atol=1e-5), name

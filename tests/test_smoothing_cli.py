@@ -1,0 +1,146 @@
+"""`arq-gym certify` on the shipped LeNet-5 (Fashion-MNIST): full, incremental, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_smoothing_certify import one_thread  # noqa: F401  (autouse: one torch thread)
+
+from arq_gym.cli import main as cli_main
+
+BASE = [
+    "certify",
+    "--model",
+    "lenet5",
+    "--sigma",
+    "0.25",
+    "--split",
+    "test",
+    "--images",
+    "4",
+    "--n0",
+    "10",
+    "--n",
+    "100",
+    "--batch-size",
+    "200",
+    "--device",
+    "cpu",
+    "--quiet",
+    "--json",
+]
+
+
+def _run(capsys, *argv):
+    rc = cli_main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_certify_full_writes_tsv_and_json(tmp_path, capsys, data_dir):
+    out = tmp_path / "res" / "lenet.tsv"
+    rc, stdout, _err = _run(capsys, *BASE, "--data-dir", str(data_dir), "--out", str(out))
+    assert rc == 0
+    res = json.loads(stdout.strip().splitlines()[-1])
+    for key in (
+        "images",
+        "clean_accuracy",
+        "certified_accuracy",
+        "acr",
+        "abstain_rate",
+        "bops_fraction",
+        "seconds",
+        "forward_passes",
+    ):
+        assert key in res
+    assert res["images"] == 4 and res["forward_passes"] == 4 * 110 and res["bops_fraction"] == 1.0
+    assert set(res["certified_accuracy"]) >= {"0.0", "0.25", "0.5", "0.75"}
+    rows = out.read_text().splitlines()
+    assert rows[0] == "idx\tlabel\tpredict\tradius\tcorrect\ttime"
+    assert [r.split("\t")[0] for r in rows[1:]] == ["0", "2500", "5000", "7500"]
+    assert json.loads(out.with_suffix(".json").read_text())["acr"] == pytest.approx(res["acr"])
+
+
+def test_certify_incremental_builds_then_reuses_cache(tmp_path, capsys, data_dir):
+    args = [
+        *BASE,
+        "--data-dir",
+        str(data_dir),
+        "--incremental",
+        "--n-p",
+        "50",
+        "--cache-dir",
+        str(tmp_path / "irs"),
+    ]
+    rc, stdout, _ = _run(capsys, *args)
+    first = json.loads(stdout.strip().splitlines()[-1])
+    assert rc == 0 and first["cache_built"] and first["mode"] == "incremental"
+    assert len(list((tmp_path / "irs").glob("*.npz"))) == 1
+    rc, stdout, _ = _run(capsys, *args)
+    second = json.loads(stdout.strip().splitlines()[-1])
+    assert rc == 0 and not second["cache_built"]
+    assert second["acr"] == first["acr"] and second["forward_passes"] <= 4 * 50
+    # another alpha needs another cache: built, not reused
+    rc, stdout, _ = _run(capsys, *args, "--alpha", "0.01")
+    assert rc == 0 and json.loads(stdout.strip().splitlines()[-1])["cache_built"]
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (["--n0", "200"], "--n0"),
+        (["--alpha", "0.7"], "--alpha"),
+        (["--images", "0"], "--images"),
+        (["--images", "20000"], "exceeds"),
+        (["--incremental", "--n-p", "500"], "--n-p"),
+        (["--n-p", "5"], "--incremental"),
+        (["--sigma", "0.3"], "sigma"),
+        (["--checkpoint", "no/such/file.pt", "--sigma", "0.25"], "does not exist"),
+    ],
+)
+def test_certify_bad_input_one_line_error(capsys, data_dir, extra, match):
+    rc, _out, err = _run(capsys, *BASE, "--data-dir", str(data_dir), *extra)
+    assert rc == 2
+    assert len(err.strip().splitlines()) == 1 and match in err
+
+
+def test_certify_uniform_bits_full_and_incremental(tmp_path, capsys, data_dir):
+    pytest.importorskip("arq_gym.quant")
+    common = [*BASE, "--data-dir", str(data_dir), "--uniform", "8", "--calib-images", "32"]
+    rc, stdout, err = _run(capsys, *common)
+    assert rc == 0, err
+    res = json.loads(stdout.strip().splitlines()[-1])
+    assert 0 < res["bops_fraction"] < 0.1 and res["network"] == "uniform W8A8"
+    rc, stdout, err = _run(
+        capsys, *common, "--incremental", "--n-p", "50", "--cache-dir", str(tmp_path / "irs")
+    )
+    assert rc == 0, err
+    inc = json.loads(stdout.strip().splitlines()[-1])
+    assert inc["mode"] == "incremental" and inc["bops_fraction"] == res["bops_fraction"]
+    rc, _out, err = _run(capsys, *BASE, "--data-dir", str(data_dir), "--uniform", "1")
+    assert rc == 2 and "bits" in err
+
+
+def test_certify_policy_file(tmp_path, capsys, data_dir):
+    pytest.importorskip("arq_gym.quant")
+    import torch
+
+    from arq_gym.models import load_shipped
+    from arq_gym.policy import Policy, save_policy
+    from arq_gym.quant import find_layers
+
+    model, _meta = load_shipped("lenet5", sigma=0.25)
+    layers = find_layers(model, torch.zeros(1, 1, 28, 28))
+    policy = Policy.uniform(len(layers), 4)
+    path = tmp_path / "p.json"
+    save_policy(path, policy, layers, model="lenet5", dataset="fashion_mnist", sigma=0.25)
+    rc, stdout, err = _run(
+        capsys, *BASE, "--data-dir", str(data_dir), "--policy", str(path), "--calib-images", "32"
+    )
+    assert rc == 0, err
+    res = json.loads(stdout.strip().splitlines()[-1])
+    assert res["network"] == f"policy {path}" and 0 < res["bops_fraction"] < 0.05
+    path.write_text("{}")
+    rc, _out, err = _run(capsys, *BASE, "--data-dir", str(data_dir), "--policy", str(path))
+    assert rc == 2 and "format" in err and len(err.strip().splitlines()) == 1
