@@ -15,6 +15,10 @@ What makes it HAQ's DDPG rather than textbook DDPG (background.md, section 3):
 * **Updates after the episode**: after each post-warm-up episode, as many updates as the episode
   had steps (HAQ updates once per stored transition).
 
+As in HAQ's code, the critic's target is ``r - baseline + discount * (1 - done) * Q'(s', mu'(s'))``
+with discount 1, so with the final reward on every transition the critic of step ``t`` learns
+about ``(L - t) * (R - baseline)``: a per-step scale that does not change which action is better.
+
 Actions live in the env's ``[-1, 1]`` Box (HAQ works in ``[0, 1]``; the actor ends in tanh
 instead of a sigmoid, and HAQ's noise std 0.5 in [0, 1] units is 1.0 here).
 """
@@ -89,8 +93,9 @@ class DDPGConfig:
             if not (math.isfinite(v) and v > 0):
                 raise ValueError(f"arq-ddpg: {name} must be > 0, got {v!r}")
         if not (0 <= self.discount <= 1 and 0 < self.baseline_alpha <= 1 and self.noise_std >= 0):
-            raise ValueError("arq-ddpg: need 0 <= discount <= 1, 0 < baseline_alpha <= 1, "
-                             "noise_std >= 0")
+            raise ValueError(
+                "arq-ddpg: need 0 <= discount <= 1, 0 < baseline_alpha <= 1, noise_std >= 0"
+            )
 
 
 class _Actor(nn.Module):
@@ -147,7 +152,13 @@ class _Replay:
 
     def sample(self, rng: np.random.Generator, batch: int) -> tuple[np.ndarray, ...]:
         idx = rng.integers(0, self.size, size=batch)
-        return self.obs[idx], self.act[idx], self.rew[idx].copy(), self.next_obs[idx], self.done[idx]
+        return (
+            self.obs[idx],
+            self.act[idx],
+            self.rew[idx].copy(),
+            self.next_obs[idx],
+            self.done[idx],
+        )
 
 
 class ARQDDPG(Agent):
@@ -163,8 +174,10 @@ class ARQDDPG(Agent):
         known = {f.name for f in fields(DDPGConfig)}
         unknown = sorted(set(hparams) - known)
         if unknown:
-            raise ValueError(f"agent 'arq-ddpg' got unknown hyperparameter(s): {', '.join(unknown)}"
-                             f"; known: {', '.join(sorted(known))}")
+            raise ValueError(
+                f"agent 'arq-ddpg' got unknown hyperparameter(s): {', '.join(unknown)}"
+                f"; known: {', '.join(sorted(known))}"
+            )
         super().__init__(env, seed)
         self.cfg = DDPGConfig(**hparams)
         space = env.action_space
@@ -231,8 +244,11 @@ class ARQDDPG(Agent):
         final = float(steps[-1].reward) if steps else float(reward)
         for t in steps:
             self.buffer.add(
-                np.asarray(t.obs, np.float32).reshape(-1), self._from_env(t.action), final,
-                np.asarray(t.next_obs, np.float32).reshape(-1), t.terminated,
+                np.asarray(t.obs, np.float32).reshape(-1),
+                self._from_env(t.action),
+                final,
+                np.asarray(t.next_obs, np.float32).reshape(-1),
+                t.terminated,
             )
         if self.episodes_done >= self.cfg.warmup_episodes and self.buffer.size > 0:
             n = self.cfg.updates_per_episode

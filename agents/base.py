@@ -23,6 +23,7 @@ import contextlib
 import copy
 import pickle
 import warnings
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -36,6 +37,7 @@ __all__ = [
     "ExternalAgent",
     "Transition",
     "check_action_space",
+    "agent_rng",
     "episode_length",
     "torch_threads",
 ]
@@ -75,6 +77,13 @@ def check_action_space(name: str, env: gym.Env, allowed: tuple[type[gym.Space], 
         raise ValueError(
             f"agent {name!r} needs {kinds} actions but the env has {env.action_space}{hint}"
         )
+
+
+def agent_rng(name: str, seed: int) -> np.random.Generator:
+    """The generator of agent ``name`` with ``seed``: one stream per (agent, seed), so that
+    agents compared with the same seed do not draw the same random actions (arq-ddpg's
+    warm-up would otherwise repeat random search episode for episode)."""
+    return np.random.default_rng([int(seed), zlib.crc32(name.encode())])
 
 
 @contextlib.contextmanager
@@ -140,7 +149,7 @@ class Agent:
         check_action_space(self.name, env, self.action_spaces)
         self.env = env
         self.seed = int(seed)
-        self.rng = np.random.default_rng(self.seed)
+        self.rng = agent_rng(self.name, self.seed)
         self.episodes_done = 0
         self._steps = 0
 
@@ -172,8 +181,9 @@ class Agent:
             self._steps += 1
             total += float(reward)
             self.observe(
-                Transition(obs, action, float(reward), next_obs, bool(terminated),
-                           bool(truncated), info)
+                Transition(
+                    obs, action, float(reward), next_obs, bool(terminated), bool(truncated), info
+                )
             )
             obs = next_obs
             if terminated or truncated:
@@ -220,7 +230,7 @@ class ExternalAgent(Agent):
         self.name = type(inner).__name__
         self.env = env
         self.seed = int(seed)
-        self.rng = np.random.default_rng(self.seed)
+        self.rng = agent_rng(self.name, self.seed)
         self.episodes_done = 0
         self._steps = 0
         self._warned = False

@@ -69,15 +69,19 @@ def defaults(algo: str, env: gym.Env) -> dict[str, Any]:
     n_act = int(np.prod(env.action_space.shape)) if isinstance(env.action_space, spaces.Box) else 1
     noise = NormalActionNoise(mean=np.zeros(n_act), sigma=0.5 * np.ones(n_act))
     table: dict[str, dict[str, Any]] = {
-        "ddpg": off_policy | {"tau": 0.01, "action_noise": noise,
-                             "policy_kwargs": {"net_arch": [300, 300]}},
-        "td3": off_policy | {"tau": 0.01, "action_noise": noise,
-                            "policy_kwargs": {"net_arch": [300, 300]}},
+        "ddpg": off_policy
+        | {"tau": 0.01, "action_noise": noise, "policy_kwargs": {"net_arch": [300, 300]}},
+        "td3": off_policy
+        | {"tau": 0.01, "action_noise": noise, "policy_kwargs": {"net_arch": [300, 300]}},
         "sac": off_policy | {"tau": 0.01},
         "ppo": {"gamma": 1.0, "n_steps": 4 * L, "batch_size": L, "n_epochs": 10},
         "a2c": {"gamma": 1.0, "n_steps": L},
-        "dqn": off_policy | {"target_update_interval": 2 * L, "exploration_fraction": 0.5,
-                            "exploration_final_eps": 0.05},
+        "dqn": off_policy
+        | {
+            "target_update_interval": 2 * L,
+            "exploration_fraction": 0.5,
+            "exploration_final_eps": 0.05,
+        },
     }
     return table[algo]
 
@@ -163,8 +167,9 @@ class SB3Agent(Agent):
         cb = _EpisodeRecorder(self._count_and(record), target,
                               (self.episodes_done + target) * L, stop)  # fmt: skip
         while cb.count < target:
-            self.model.learn(total_timesteps=1, reset_num_timesteps=False, callback=cb,
-                             progress_bar=False)
+            self.model.learn(
+                total_timesteps=1, reset_num_timesteps=False, callback=cb, progress_bar=False
+            )
             if checkpoint is not None:
                 checkpoint()
 
@@ -188,8 +193,9 @@ class SB3Agent(Agent):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.model = self.algo_class.load(io.BytesIO(state["model"]), env=self.env,
-                                          device=self._kwargs.get("device", "cpu"))
+        self.model = self.algo_class.load(
+            io.BytesIO(state["model"]), env=self.env, device=self._kwargs.get("device", "cpu")
+        )
         if "replay_buffer" in state and isinstance(self.model, OffPolicyAlgorithm):
             self.model.load_replay_buffer(io.BytesIO(state["replay_buffer"]))
 

@@ -71,7 +71,7 @@ def parse_agent_kwargs(items: Sequence[str] | None, agents: Sequence[str]) -> di
             target, _, key = head.rpartition(":")
             if target not in out:
                 raise SearchError(f"--agent-kwargs {item!r}: agent {target!r} is not in --agents")
-            item = key + item[len(head):]
+            item = key + item[len(head) :]
         kv = parse_kwargs([item], "agent-kwargs")
         for a in [target] if target else agents:
             out[a].update(kv)
@@ -140,6 +140,15 @@ def _accepts(env_id: str, kwarg: str) -> bool:
     except (ValueError, TypeError, ImportError, AttributeError):
         return False
     return any(p.name == kwarg or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def _prepare(env_id: str, env_kwargs: Mapping[str, Any]) -> None:
+    """Make the env once in the parent so that its one-time work (the FP32 network's IRS cache
+    in ``cache_dir``) is done once, not by every worker at the same time."""
+    import gymnasium as gym
+
+    env = gym.make(env_id, **env_kwargs)
+    env.close()
 
 
 def _worker_init(threads: int) -> None:
@@ -257,10 +266,14 @@ def benchmark(
         else:
             import multiprocessing as mp
 
+            _prepare(env_id, env_kwargs)
             threads = max(1, (os.cpu_count() or 1) // workers)
-            with ProcessPoolExecutor(max_workers=min(workers, len(jobs)),
-                                     mp_context=mp.get_context("spawn"),
-                                     initializer=_worker_init, initargs=(threads,)) as pool:
+            with ProcessPoolExecutor(
+                max_workers=min(workers, len(jobs)),
+                mp_context=mp.get_context("spawn"),
+                initializer=_worker_init,
+                initargs=(threads,),
+            ) as pool:
                 futures = [pool.submit(_run_job, job) for job in jobs]
                 for fut in as_completed(futures):
                     _collect(fut.result(), results, errors, bar)

@@ -75,6 +75,31 @@ def _human_data(res: dict) -> None:
                   f"val {d['val']}, test {d['test']} (sha256 {d['sha256'][:16]}...)")
 
 
+# --------------------------------------------------------------------------- envs
+
+
+@command("envs", "list the registered environment ids and their defaults")(lambda p: None)
+def cmd_envs(args) -> dict:
+    import inspect
+
+    from arq_gym.envs import ENV_SPECS
+    from arq_gym.envs.arq_env import ARQEnv
+
+    defaults = {
+        k: v.default
+        for k, v in inspect.signature(ARQEnv.__init__).parameters.items()
+        if v.default is not inspect.Parameter.empty
+    }
+    envs = [{"id": env_id, "kwargs": {**defaults, **spec}} for env_id, spec in ENV_SPECS.items()]
+    return {"envs": envs}
+
+
+def _human_envs(res: dict) -> None:
+    for env in res["envs"]:
+        kw = env["kwargs"]
+        print(f"{env['id']}: " + ", ".join(f"{k}={v!r}" for k, v in kw.items()))
+
+
 # --------------------------------------------------------------------------- train
 
 
@@ -110,7 +135,7 @@ def cmd_train(args) -> dict:
 
 # --------------------------------------------------------------------------- main
 
-_HUMAN = {"data": _human_data}
+_HUMAN = {"data": _human_data, "envs": _human_envs}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,7 +156,7 @@ def _load_commands() -> None:
     """Import modules that register further commands (kept lazy for a fast --help)."""
     import importlib
 
-    for mod in ("arq_gym.cli_certify", "arq_gym.cli_search"):
+    for mod in ("arq_gym.cli_certify", "arq_gym.cli_search", "arq_gym.cli_bench"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:

@@ -18,12 +18,24 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--env-kwargs", nargs="*", default=[], metavar="K=V",
                    help="gym.make keyword arguments, e.g. fidelity=smoke budget=1/64 "
                         "bits=2,8 keep_first_last=None")  # fmt: skip
-    p.add_argument("--agent-kwargs", nargs="*", default=[], metavar="K=V",
-                   help="agent hyperparameters, e.g. warmup_episodes=10")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its last completed episode")
-    p.add_argument("--final-eval", action=argparse.BooleanOptionalAction, default=True,
-                   help="certify the best policy on test images at the end (default: on)")
+    p.add_argument(
+        "--agent-kwargs",
+        nargs="*",
+        default=[],
+        metavar="K=V",
+        help="agent hyperparameters, e.g. warmup_episodes=10",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last completed episode",
+    )
+    p.add_argument(
+        "--final-eval",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="certify the best policy on test images at the end (default: on)",
+    )
     p.add_argument("--final-images", type=int, default=500, help="test images (default 500)")
     p.add_argument("--final-n", type=int, default=10_000, help="noise samples (default 10,000)")
     p.add_argument("--final-n0", type=int, default=100, help="selection samples (default 100)")
@@ -56,8 +68,10 @@ def cmd_search(args) -> dict:
 def _add_benchmark(p: argparse.ArgumentParser) -> None:
     _add_common(p)
     p.add_argument("--agents", required=True, help="comma-separated agents; " + _AGENT_HELP)
-    p.epilog = ("--agent-kwargs key=value applies to every agent, agent:key=value to one "
-                "(e.g. arq-ddpg:warmup_episodes=10)")
+    p.epilog = (
+        "--agent-kwargs key=value applies to every agent, agent:key=value to one "
+        "(e.g. arq-ddpg:warmup_episodes=10)"
+    )
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..K-1 per agent (default 3)")
     p.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
 

@@ -55,7 +55,20 @@ Cost on CPU
     ms for ResNet-20 when every layer changes (2 busy CPU cores). The fake-quantized forward
     pass costs 1.2x (LeNet-5) to 1.8x (ResNet-20, batch 500) the float one on CPU: torch's
     fake-quantize kernel is scalar on CPU (about 4x slower per element than a round/clamp/mul
-    sequence); with every layer at 32 bits the wrapper costs nothing measurable.
+    sequence), so the activation quantizer is written as multiply/clamp/round/multiply, which
+    gives the same values as ``torch.fake_quantize_per_tensor_affine`` (tested on ties too);
+    with every layer at 32 bits the wrapper costs nothing measurable.
+
+Execution backends (``QuantizedModel(..., backend=...)`` or :meth:`QuantizedModel.set_backend`)
+    ``"reference"`` (default) is the definition above, in float32. ``"int8"`` runs every conv
+    layer whose weights and activations have at most 8 bits as :class:`Int8Conv2d`: the same
+    integer codes, multiplied as uint8 x int8 and summed exactly in int32 by oneDNN, rescaled by
+    ``s_a * s_w`` once. It computes the same quantized network without the float32 rounding of
+    the reference's products and partial sums, so the two agree up to rounding (a flipped
+    rounding of some activation, rarely a flipped class); ``arq-gym bench-speed`` measures the
+    agreement. :meth:`QuantizedModel.compile` adds ``torch.compile`` (fuses the quantization,
+    batch norm and ReLUs around the integer convolutions; compiled once, reused by every
+    policy). :attr:`QuantizedModel.function_id` names the function computed.
 """
 
 from __future__ import annotations
@@ -63,6 +76,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -234,6 +248,7 @@ class ActivationQuantizer(nn.Module):
         self.bits = FLOAT_BITS
         self.qmin, self.qmax = 0, 0
         self.register_buffer("scale", torch.ones(()), persistent=False)
+        self.register_buffer("inv_scale", torch.ones(()), persistent=False)
         self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32), persistent=False)
 
     def set_bits(self, bits: int) -> None:
@@ -244,13 +259,24 @@ class ActivationQuantizer(nn.Module):
         self.qmin, self.qmax = activation_qrange(self.bits, self.signed)
         r = max(self.ranges[self.bits], 1e-8)
         self.scale.fill_(r / self.qmax)
+        # float32 reciprocal, as torch's fake-quantize kernel computes it (1.0f / scale)
+        self.inv_scale.copy_(torch.ones_like(self.scale) / self.scale)
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """The integers ``clamp(nearbyint(x * (1/scale)), qmin, qmax)`` as float (not scaled).
+
+        Clamping before rounding gives the same integers (``qmin``/``qmax`` are integers and
+        rounding is monotone); ``torch.round`` rounds half to even like ``std::nearbyint``.
+        """
+        return (x * self.inv_scale).clamp_(self.qmin, self.qmax).round_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantized ``x``; bit-identical to ``torch.fake_quantize_per_tensor_affine(x,
+        scale, 0, qmin, qmax)`` (tested) but written as multiply/clamp/round/multiply, which is
+        vectorised on CPU where torch's fake-quantize kernel is not."""
         if self.bits == FLOAT_BITS:
             return x
-        return torch.fake_quantize_per_tensor_affine(
-            x, self.scale, self.zero_point, self.qmin, self.qmax
-        )
+        return self.quantize(x).mul_(self.scale)
 
     def pre_hook(self, module: nn.Module, args: tuple) -> tuple | None:
         """Forward pre-hook: quantize the first positional input of ``module``."""
@@ -260,6 +286,213 @@ class ActivationQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"signed={self.signed}, bits={self.bits}"
+
+
+BACKENDS = ("reference", "int8", "auto")
+
+
+def weight_integers(w_fq: torch.Tensor, bits: int, per_channel: bool = True
+                    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Integers and scales of a weight fake-quantized by :func:`quantize_weight`.
+
+    Returns ``(q, scale)``: ``q`` int8 with ``|q| <= 2^(bits-1)-1`` and ``scale`` float32 per
+    output channel, such that ``q * scale`` (in float32) equals ``w_fq`` element for element
+    (checked; ValueError otherwise).
+    """
+    qmax = 2 ** (bits - 1) - 1
+    flat = w_fq.detach().reshape(w_fq.shape[0], -1)
+    if per_channel:
+        scale = flat.abs().amax(dim=1).float().clamp_min(1e-12) / qmax
+    else:
+        scale = (flat.abs().max().float().clamp_min(1e-12) / qmax).expand(w_fq.shape[0])
+    view = (-1,) + (1,) * (w_fq.dim() - 1)
+    q = torch.round(w_fq / scale.view(view)).clamp_(-qmax, qmax)
+    if not torch.equal(q * scale.view(view), w_fq):
+        raise ValueError("the fake-quantized weight is not integers times its scale")
+    return q.to(torch.int8), scale.contiguous()
+
+
+def int8_kernels_available() -> bool:
+    """Whether this torch build has the oneDNN int8 convolution (CPU)."""
+    ops = getattr(torch.ops, "onednn", None)
+    try:
+        return (
+            ops is not None and hasattr(ops, "qconv2d_pointwise") and hasattr(ops, "qconv_prepack")
+        )
+    except (RuntimeError, AttributeError):  # pragma: no cover - build without oneDNN
+        return False
+
+
+#: live int8 layers by key, read by the ``arq_gym::int8_conv`` op (keeps compiled graphs
+#: independent of the policy: the op looks up the current packed weights at run time)
+_INT8_LAYERS: weakref.WeakValueDictionary[int, Int8Conv2d] = weakref.WeakValueDictionary()
+_INT8_NEXT_KEY = [0]
+
+
+@torch.library.custom_op("arq_gym::int8_conv", mutates_args=())
+def _int8_conv_op(codes: torch.Tensor, key: int) -> torch.Tensor:
+    """oneDNN u8 x s8 convolution of activation codes with layer ``key``'s current weights."""
+    return _INT8_LAYERS[key].conv_codes(codes)
+
+
+@_int8_conv_op.register_fake
+def _int8_conv_fake(codes: torch.Tensor, key: int) -> torch.Tensor:
+    layer = _INT8_LAYERS[key]
+    n, _c, h, w = codes.shape
+    (kh, kw), (sh, sw) = layer.kernel, layer.stride
+    (ph, pw), (dh, dw) = layer.padding, layer.dilation
+    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    return codes.new_empty((n, layer.out_channels, oh, ow), dtype=torch.float32).contiguous(
+        memory_format=torch.channels_last
+    )
+
+
+class Int8Conv2d(nn.Module):
+    """A quantized ``nn.Conv2d`` run as integer arithmetic (oneDNN u8 x s8, int32 accumulation).
+
+    Installed once in place of a conv layer (``backend="int8"``); :meth:`refresh` re-packs the
+    weights when the policy changes. While weights and activations both have at most 8 bits it
+    computes ``out = s_a * s_w[c] * sum(q_a * q_w) + bias``, where ``q_a`` are exactly the
+    integers the reference activation quantizer produces (:meth:`ActivationQuantizer.quantize`)
+    and ``q_w`` the integers of the reference fake-quantized weight (:func:`weight_integers`).
+    The integer sum is exact for every input: ``|sum| <= k_h*k_w*c_in/groups * 127 * 255``,
+    far below 2^31 (int32 accumulation; :func:`check_int8_kernel` verifies the kernel on this
+    CPU, including the inputs where kernels without VNNI saturate 16-bit intermediates). The
+    reference layer computes the same sum in float32, rounding every product and partial sum,
+    so the two differ by float rounding only (a few ulps of the output), which can move an
+    activation of the next layer across a rounding boundary. Signed activations (the first
+    layer's normalised input) are stored as ``q + 128`` with zero point 128. Output: float32,
+    channels_last. Otherwise (a float side) the wrapped reference conv runs.
+    """
+
+    def __init__(self, conv: nn.Conv2d, act: ActivationQuantizer, per_channel: bool = True):
+        super().__init__()
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError("Int8Conv2d needs numeric zero padding")
+        self.conv = conv
+        self.act = act
+        self.per_channel = per_channel
+        self.kernel = tuple(conv.kernel_size)
+        self.out_channels = int(conv.out_channels)
+        self.stride = list(conv.stride)
+        self.padding = list(conv.padding)
+        self.dilation = list(conv.dilation)
+        self.groups = int(conv.groups)
+        self.x_zp = 128 if act.signed else 0
+        self.register_buffer("qmin", torch.zeros(()), persistent=False)
+        self.register_buffer("qmax", torch.zeros(()), persistent=False)
+        self.active = False
+        self.bits = (FLOAT_BITS, FLOAT_BITS)
+        self.key = _INT8_NEXT_KEY[0]
+        _INT8_NEXT_KEY[0] += 1
+        _INT8_LAYERS[self.key] = self
+
+    def __deepcopy__(self, memo: dict) -> Int8Conv2d:
+        # a copy gets its own key (the op looks layers up by key) and its own packed weights
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        state = {k: v for k, v in self.__dict__.items() if k != "packed"}
+        new.__dict__.update(copy.deepcopy(state, memo))
+        new.key = _INT8_NEXT_KEY[0]
+        _INT8_NEXT_KEY[0] += 1
+        _INT8_LAYERS[new.key] = new
+        new.packed = None
+        if new.active:
+            new.refresh(*new.bits)
+        return new
+
+    def refresh(self, w_bits: int, a_bits: int) -> None:
+        """Re-pack for the conv's current (fake-quantized) weight and the activation quantizer's
+        current bits; ``w_bits``/``a_bits`` are the layer's bits (32 = float)."""
+        self.bits = (int(w_bits), int(a_bits))
+        self.active = FLOAT_BITS not in self.bits
+        if not self.active:
+            self.packed = None
+            return
+        q, w_scale = weight_integers(self.conv.weight, w_bits, self.per_channel)
+        self.x_scale = float(self.act.scale)
+        self.qmin.fill_(self.act.qmin)
+        self.qmax.fill_(self.act.qmax)
+        self.w_scale = w_scale
+        self.w_zp = torch.zeros(q.shape[0], dtype=torch.int64)
+        self.bias_fp = None if self.conv.bias is None else self.conv.bias.detach().float()
+        self.packed = torch.ops.onednn.qconv_prepack(
+            q.contiguous(memory_format=torch.channels_last), w_scale, self.x_scale, self.x_zp,
+            self.stride, self.padding, self.dilation, self.groups, None,
+        )  # fmt: skip
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 channels_last activation codes ``q + zero point`` (same ``q`` as the
+        reference quantizer: multiply by the float32 reciprocal scale, clamp, round half to
+        even; clamp bounds as tensors so a compiled graph does not depend on the bits)."""
+        q = torch.clamp(x * self.act.inv_scale, self.qmin, self.qmax).round_()
+        if self.x_zp:
+            q = q + self.x_zp
+        return q.to(torch.uint8, memory_format=torch.channels_last)
+
+    def conv_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """The integer convolution of activation codes, rescaled to float32."""
+        return torch.ops.onednn.qconv2d_pointwise(
+            codes, self.x_scale, self.x_zp, self.packed, self.w_scale, self.w_zp, self.bias_fp,
+            self.stride, self.padding, self.dilation, self.groups, 1.0, 0, torch.float32, "none",
+            [], "",
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return self.conv(x)
+        return _int8_conv_op(self.codes(x), self.key)
+
+
+_INT8_KERNEL_OK: bool | None = None
+
+
+def check_int8_kernel() -> bool:
+    """True if the int8 convolution kernel sums exactly on this CPU (cached per process).
+
+    Runs one convolution on extreme codes (activations 0/255, weights +-127, 576 terms, the
+    case where kernels without VNNI saturate 16-bit intermediates) and on random codes, and
+    compares with the exact integer result computed in float64.
+    """
+    global _INT8_KERNEL_OK
+    if _INT8_KERNEL_OK is not None:
+        return _INT8_KERNEL_OK
+    if not int8_kernels_available():
+        _INT8_KERNEL_OK = False
+        return False
+    gen = torch.Generator().manual_seed(0)
+    c_in, c_out = 64, 16
+    w = torch.randint(-127, 128, (c_out, c_in, 3, 3), generator=gen).float()
+    w[0] = 127.0
+    w[1] = -127.0
+    w[2, :, :, :] = torch.where(torch.arange(c_in).view(-1, 1, 1) % 2 == 0, 127.0, -127.0)
+    x = torch.randint(0, 256, (3, c_in, 6, 6), generator=gen).float()
+    x[0] = 255.0
+    x[1] = torch.where(torch.arange(c_in).view(-1, 1, 1) % 2 == 0, 255.0, 0.0)
+    ok = True
+    for signed in (False, True):
+        aq = ActivationQuantizer(signed, {b: 1.0 for b in range(MIN_BITS, MAX_BITS + 1)})
+        aq.set_bits(8)
+        aq.scale.fill_(1.0)
+        aq.inv_scale.fill_(1.0)
+        xs = x - 128.0 if signed else x
+        xs = xs.clamp(aq.qmin, aq.qmax)
+        conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+        with torch.no_grad():
+            conv.weight.copy_(w)
+        try:
+            layer = Int8Conv2d(conv, aq)
+            layer.refresh(8, 8)
+            out = layer(xs)
+            _INT8_LAYERS.pop(layer.key, None)
+        except (RuntimeError, ValueError):
+            ok = False
+            break
+        exact = nn.functional.conv2d(xs.double(), w.double(), padding=1)
+        ok = ok and torch.equal(out, exact.float())  # the exact sum, rounded once to fp32
+    _INT8_KERNEL_OK = bool(ok)
+    return _INT8_KERNEL_OK
 
 
 class _Stats:
@@ -341,8 +574,11 @@ class QuantizedModel(nn.Module):
         percentile: float = 99.99,
         seed: int = 0,
         batch_size: int = 256,
+        backend: str = "reference",
     ):
         super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
         if calibration not in CALIBRATION_RULES:
             raise ValueError(
                 f"unknown calibration {calibration!r}; known: {', '.join(CALIBRATION_RULES)}"
@@ -384,6 +620,11 @@ class QuantizedModel(nn.Module):
         self._w_now = [FLOAT_BITS] * n
         self._a_now = [FLOAT_BITS] * n
         self.last_apply_seconds = 0.0
+        self._parents = [self._parent_of(layer.name) for layer in self.layers]
+        self._int8: list[Int8Conv2d | None] = [None] * n
+        object.__setattr__(self, "_compiled", None)
+        self.backend = "reference"
+        self.set_backend(backend)
 
     # ------------------------------------------------------------------ calibration
     def _calibrate(self, noisy: torch.Tensor, device: torch.device, percentile: float,
@@ -456,11 +697,111 @@ class QuantizedModel(nn.Module):
                 if ab != self._a_now[i]:
                     self.act_quant[i].set_bits(ab)
                     self._a_now[i] = ab
+            if self.backend == "int8":
+                self._sync_int8()
         self.last_apply_seconds = time.perf_counter() - t0
         return self
 
+    # ------------------------------------------------------------------ execution backends
+    def _parent_of(self, name: str) -> tuple[nn.Module, str]:
+        parent_name, _, attr = name.rpartition(".")
+        return (self.model.get_submodule(parent_name) if parent_name else self.model), attr
+
+    def _int8_eligible(self, i: int) -> bool:
+        m = self._targets[i]
+        return (
+            isinstance(m, nn.Conv2d)
+            and m.padding_mode == "zeros"
+            and not isinstance(m.padding, str)
+            and m.weight.device.type == "cpu"
+        )
+
+    def _sync_int8(self) -> None:
+        """With backend int8: an :class:`Int8Conv2d` in place of every eligible conv layer
+        (installed once, re-packed when its bits change); otherwise the reference layers."""
+        for i, m in enumerate(self._targets):
+            parent, attr = self._parents[i]
+            slot = self._int8[i]
+            if self.backend != "int8" or not self._int8_eligible(i):
+                setattr(parent, attr, m)
+                continue
+            if slot is None:
+                slot = self._int8[i] = Int8Conv2d(m, self.act_quant[i], self.per_channel)
+            if slot.bits != (self._w_now[i], self._a_now[i]):
+                slot.refresh(self._w_now[i], self._a_now[i])
+            setattr(parent, attr, slot)
+
+    def set_backend(self, backend: str) -> QuantizedModel:
+        """Choose how quantized layers execute; returns ``self``.
+
+        * ``"reference"``: fake quantization in float32 (activation pre-hooks, convolution of
+          the fake-quantized weights), the definition of the quantized network.
+        * ``"int8"``: every conv layer with weights and activations of at most 8 bits runs as
+          :class:`Int8Conv2d` (exact integer sums, oneDNN, CPU only); float layers and linear
+          layers stay as in the reference. It agrees with the reference up to float rounding
+          (bench-speed reports the measured agreement). ValueError where the kernel is
+          unavailable or inexact on this CPU (:func:`check_int8_kernel`) or the model is not
+          on the CPU.
+        * ``"auto"``: ``"int8"`` where it is available, else ``"reference"``.
+        """
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+        on_cpu = all(m.weight.device.type == "cpu" for m in self._targets)
+        if backend == "auto":
+            backend = "int8" if on_cpu and check_int8_kernel() else "reference"
+        if backend == "int8":
+            if not on_cpu:
+                raise ValueError("backend 'int8' runs on the CPU only; move the model to the CPU")
+            if not check_int8_kernel():
+                raise ValueError("backend 'int8' is not available: this torch/CPU has no exact "
+                                 "oneDNN int8 convolution")  # fmt: skip
+        self.backend = backend
+        with torch.no_grad():
+            self._sync_int8()
+        return self
+
+    @property
+    def function_id(self) -> str:
+        """Names the function this model computes: ``"fake-quant-fp32"`` (reference) or
+        ``"int8-exact-sums"`` (int8 backend; same quantized network, integer dot products summed
+        exactly instead of in float32)."""
+        return "int8-exact-sums" if self.backend == "int8" else "fake-quant-fp32"
+
+    def _apply(self, fn, *args, **kwargs):  # called by .to(), .cuda(), .float(), ...
+        out = super()._apply(fn, *args, **kwargs)
+        if getattr(self, "backend", "reference") == "int8" and not all(
+            m.weight.device.type == "cpu" for m in self._targets
+        ):
+            self.set_backend("reference")
+        return out
+
+    def compile(self, **kwargs) -> QuantizedModel:
+        """Run the forward pass through ``torch.compile(self.model, **kwargs)`` from now on
+        (``None``-safe: call :meth:`uncompile` to go back); returns ``self``.
+
+        With the int8 backend the compiled graph fuses the activation quantization, batch norm,
+        residual additions and ReLUs around the integer convolutions (an opaque custom op that
+        reads the current packed weights), and policies that keep every layer's weights and
+        activations within 2-8 bits (or keep its float sides) reuse the compiled graph: the bits
+        live in buffers, not in the graph. Fused float arithmetic may round differently from
+        eager PyTorch, so this is a measured-agreement path like the int8 backend itself.
+        """
+        object.__setattr__(self, "_compiled", torch.compile(self.model, **kwargs))
+        return self
+
+    def uncompile(self) -> QuantizedModel:
+        """Back to eager execution; returns ``self``."""
+        object.__setattr__(self, "_compiled", None)
+        return self
+
+    @property
+    def compiled(self) -> bool:
+        """Whether :meth:`compile` is in effect."""
+        return self.__dict__.get("_compiled") is not None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+        compiled = self.__dict__.get("_compiled")
+        return self.model(x) if compiled is None else compiled(x)
 
 
 def calibration_images(split, count: int = 512, seed: int = 0) -> torch.Tensor:

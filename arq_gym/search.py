@@ -226,7 +226,9 @@ def _read_state(path: Path) -> dict | None:
         with open(path, "rb") as f:
             state = pickle.load(f)
     except Exception as exc:  # noqa: BLE001
-        raise SearchError(f"checkpoint {path} cannot be read ({exc}); remove it to restart") from None
+        raise SearchError(
+            f"checkpoint {path} cannot be read ({exc}); remove it to restart"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise SearchError(f"checkpoint {path} is not an arq-gym search checkpoint")
     return state
@@ -244,8 +246,14 @@ def _plot_rewards(records: Sequence[Mapping[str, Any]], path: Path, title: str) 
     ep = [r["episode"] for r in records]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(ep, [r["reward"] for r in records], ".", ms=4, alpha=0.6, label="reward")
-    ax.plot(ep, [r["best_reward"] for r in records], "-", lw=2, drawstyle="steps-post",
-            label="best so far")
+    ax.plot(
+        ep,
+        [r["best_reward"] for r in records],
+        "-",
+        lw=2,
+        drawstyle="steps-post",
+        label="best so far",
+    )
     ax.set_xlabel("episode")
     name = next((r.get("reward_name") for r in records if r.get("reward_name")), None)
     ax.set_ylabel(f"reward ({name})" if name else "reward")
@@ -271,8 +279,7 @@ def _bits_figure(rec: Mapping[str, Any], names: Sequence[str] | None, title: str
     ax.bar(x - 0.2, w, 0.4, label="weights")
     ax.bar(x + 0.2, a, 0.4, label="activations")
     ax.set_xticks(x)
-    ax.set_xticklabels(names if names else [str(i) for i in x], rotation=60, ha="right",
-                       fontsize=8)
+    ax.set_xticklabels(names if names else [str(i) for i in x], rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("bits")
     ax.set_ylim(0, max(max(w + a, default=8), 8) + 1)
     ax.set_title(title)
@@ -433,6 +440,13 @@ def search(
     agent_kwargs = dict(agent_kwargs or {})
     if isinstance(episodes, bool) or not isinstance(episodes, (int, np.integer)) or episodes < 1:
         raise SearchError(f"episodes must be a positive integer, got {episodes!r}")
+    if final_eval:
+        for name, v in (("final-images", final_images), ("final-n", final_n),
+                        ("final-n0", final_n0)):  # fmt: skip
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise SearchError(f"--{name} must be a positive integer, got {v!r}")
+        if not 0 < final_alpha < 0.5:
+            raise SearchError(f"--final-alpha must be in (0, 0.5), got {final_alpha!r}")
     out = Path(out)
     agents_mod.get(agent)  # a bad agent name fails before anything is built or written
     prev = _check_out(out, resume)
@@ -466,6 +480,10 @@ def _run(env, env_id, agent_name, episodes, seed, out, config, env_kwargs, agent
     from arq_gym import __version__
 
     agent = agents_mod.make(agent_name, env, seed=seed, **agent_kwargs)
+    state = _read_state(out / "state.pkl")
+    if state is not None and len(state["records"]) > episodes:
+        raise SearchError(f"the run in {out} already has {len(state['records'])} episodes; "
+                          f"--episodes {episodes} would drop some")  # fmt: skip
     problem = _env_problem(env)
     layers = _env_layers(env)
 
@@ -476,7 +494,6 @@ def _run(env, env_id, agent_name, episodes, seed, out, config, env_kwargs, agent
         run_info["problem"] = problem.describe()
     atomic_write_text(out / "run.json", _dumps(run_info))
 
-    state = _read_state(out / "state.pkl")
     if state is not None:
         agent.load_state_dict(state["agent"])
         records: list[dict] = list(state["records"])
@@ -554,7 +571,9 @@ def _run(env, env_id, agent_name, episodes, seed, out, config, env_kwargs, agent
         atomic_write_text(out / "episodes.csv", _csv_text(records, radii))
     final_state = dict(format=STATE_FORMAT, config=config, records=records, seconds=seconds,
                        agent=agent.state_dict(), complete=True)  # fmt: skip
-    atomic_write_bytes(out / "state.pkl", pickle.dumps(final_state, protocol=pickle.HIGHEST_PROTOCOL))
+    atomic_write_bytes(
+        out / "state.pkl", pickle.dumps(final_state, protocol=pickle.HIGHEST_PROTOCOL)
+    )
     agent.close()
 
     # best policy, figures
@@ -613,7 +632,7 @@ def _csv_header_radii(path: Path) -> list[str] | None:
     except (OSError, StopIteration):
         return None
     prefix = "certified_accuracy_"
-    return [h[len(prefix):] for h in header if h.startswith(prefix)]
+    return [h[len(prefix) :] for h in header if h.startswith(prefix)]
 
 
 def _tb_scalars(writer, rec: Mapping[str, Any]) -> None:
@@ -659,8 +678,11 @@ def _final(out: Path, problem, best, images, n, n0, alpha, env_kwargs, progress)
     if path.is_file():
         with contextlib.suppress(Exception):
             doc = json.loads(path.read_text())
-            if doc.get("w_bits") == best["w_bits"] and doc.get("a_bits") == best["a_bits"] and \
-                    all(doc.get(k) == v for k, v in settings.items()):
+            if (
+                doc.get("w_bits") == best["w_bits"]
+                and doc.get("a_bits") == best["a_bits"]
+                and all(doc.get(k) == v for k, v in settings.items())
+            ):
                 return _final_summary(doc)
     if problem is None:
         doc = {"skipped": "the env exposes no quantization problem (env.unwrapped.problem)"}

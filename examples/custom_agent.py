@@ -107,8 +107,10 @@ def main() -> None:
     agent = GreedyLayerSearch(env, seed=0)
     for episode in range(1, args.episodes + 1):
         reward, info = agent.run_episode()
-        print(f"episode {episode:3d}: reward {reward:.4f}  best {agent.best_reward:.4f}  "
-              f"bits {info['w_bits']}  BOPs {100 * info['bops_fraction']:.2f}% of FP32")
+        print(
+            f"episode {episode:3d}: reward {reward:.4f}  best {agent.best_reward:.4f}  "
+            f"bits {info['w_bits']}  BOPs {100 * info['bops_fraction']:.2f}% of FP32"
+        )
     env.close()
 
 

@@ -134,7 +134,7 @@ def lenet_kwargs():
     data = shared_datasets()
     if data is None:
         pytest.skip("real datasets not found: set ARQ_GYM_DATA")
-    return [f"fidelity=smoke", f"data_dir={data}"]
+    return ["fidelity=smoke", f"data_dir={data}"]
 
 
 def _lenet_benchmark(tmp_path, lenet_kwargs, episodes: int, workers: int) -> list[dict]:

@@ -321,16 +321,23 @@ def test_fidelity_overrides_and_cache_dir(lenet_kw, tmp_path):
     assert len(list((tmp_path / "evals").rglob("*.json"))) == 1
 
 
-def test_fidelity_search_preset_reaches_the_problem(lenet_kw):
-    from arq_gym.problem import make_problem
+@pytest.mark.parametrize("env_id", ["ARQ-LeNet5-v0", "ARQ-ResNet20-v0"])
+def test_default_search_fidelity_uses_a_shipped_cache(env_id, lenet_kw):
+    """Creating the default env (fidelity "search") certifies nothing: the IRS cache ships."""
+    from arq_gym.models import shipped_models
+    from arq_gym.problem import SHIPPED_CACHE_DIR
 
+    arch = ENV_SPECS[env_id]["model"]
+    if not any(m["architecture"] == arch and m["sigma"] == 0.25 for m in shipped_models()):
+        pytest.skip(f"no shipped {arch} model yet")
     kw = {k: v for k, v in lenet_kw.items() if k != "fidelity"}
-    spec_kw = dict(ENV_SPECS["ARQ-LeNet5-v0"])
-    assert spec_kw["fidelity"] == "search"
-    # the preset is resolved without building (building the search cache takes minutes)
-    with pytest.raises(ValueError, match="unknown fidelity 'nope'"):
-        gym.make("ARQ-LeNet5-v0", fidelity="nope", **kw)
-    assert make_problem  # imported for the docs of this test
+    env = gym.make(env_id, **kw)
+    p = env.unwrapped.problem
+    assert p.fidelity.name == "search" and len(p.images) == 100
+    assert p.irs_cache_path.parent == SHIPPED_CACHE_DIR, "ship the IRS cache (ship_irs_cache)"
+    assert p.irs_cache.built is False
+    obs, _ = env.reset(seed=0)
+    assert env.observation_space.contains(obs)
 
 
 def test_sigma_and_checkpoint(lenet_kw, tmp_path):
@@ -455,3 +462,28 @@ def test_bad_kwargs_are_one_line_errors(kwargs, exc, match, lenet_kw):
     assert "\n" not in str(err.value)
     if "budget" in kwargs:
         assert isinstance(err.value, BudgetError)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_uniform_policy_through_env_equals_the_certify_command(bits, lenet_kw, capsys):
+    """`arq-gym certify --uniform B --incremental` on the smoke subset gives the env's numbers."""
+    import json
+
+    from arq_gym.cli import main
+
+    env = gym.make("ARQ-LeNet5-v0", budget=0.07, keep_first_last=8, **lenet_kw)
+    _, infos, _ = run_episode(env, [action_for_bits(bits)] * 5)
+    info = infos[-1]
+    assert info["w_bits"] == info["a_bits"] == [8] + [bits] * 3 + [8]
+    argv = ["certify", "--model", "lenet5", "--dataset", "fashion_mnist", "--sigma", "0.25",
+            "--uniform", str(bits), "--split", "val", "--images", "16", "--n0", "100",
+            "--n", "1000", "--incremental", "--n-p", "100", "--n-p-max", "100",
+            "--data-dir", lenet_kw["data_dir"], "--device", "cpu", "--quiet", "--json"]  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["bops_fraction"] == pytest.approx(info["bops_fraction"])
+    for key in ("acr", "clean_accuracy", "abstain_rate", "fp_acr"):
+        assert out[key] == pytest.approx(info[key], abs=1e-12), key
+    for radius, value in out["certified_accuracy"].items():
+        assert info["certified_accuracy"][radius] == value

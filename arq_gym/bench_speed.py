@@ -1,0 +1,392 @@
+"""Speed of certification on this machine: ``arq-gym bench-speed`` (issue 8).
+
+Everything is measured in one run so that ratios are meaningful on a busy machine:
+
+* the machine's GEMM peak for each arithmetic (``torch.matmul`` fp32 / bf16 on square
+  matrices, int8 ``torch._int_mm``), the network's FLOPs per sample (2 x MACs of
+  :func:`~arq_gym.quant.find_layers`) and therefore the throughput limit of each arithmetic;
+* noisy-sample throughput (samples/s) of the FP network, a uniform W4A4 policy and a mixed
+  policy through each execution path: ``fp32-reference`` (the package's definition: eager fp32
+  fake quantization, NCHW), ``fp32-channels_last``, ``int8`` (exact integer convolutions,
+  eager) and ``int8-compiled`` (the same under ``torch.compile``); paths are timed in
+  interleaved rounds and the median round is kept;
+* agreement of the fast paths with the reference on noisy samples (top-1 class per sample);
+* the time to certify one policy with IRS at fidelity "search" through the fastest path, the
+  same through the reference path, and the naive baseline at equal confidence: full CERTIFY of
+  the quantized network from scratch (reference path, batch 400, fresh noise, ``n0 = 100``,
+  ``n = n_p``, ``alpha + alpha_zeta``) on the same images.
+
+The IRS cache of the FP network is built (once, kept in the user cache directory) with
+``fp_n`` estimation samples; ``n = 10,000`` as in the search fidelity takes a million forward
+passes, so ``--fp-n`` can lower it for a quicker benchmark (the branch mix then differs a little
+from a real search: a smaller ``n`` gives lower ``pA_lower``).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from arq_gym.policy import Policy
+
+PATHS = ("fp32-reference", "fp32-channels_last", "int8", "int8-compiled")
+
+
+@dataclass
+class BenchConfig:
+    """Sizes of one benchmark run (:func:`quick_config` for a test-sized one)."""
+
+    images: int = 100  # fidelity "search"
+    n_p: int = 500
+    fp_n: int = 10_000
+    n0: int = 100
+    alpha: float = 0.001
+    alpha_zeta: float = 0.001
+    gamma: float = 0.99
+    batch_size: int = 400
+    throughput_batches: int = 5
+    agreement_samples: int = 100_000
+    gemm_size: int = 2048
+    calibration_images: int = 512
+    calibration: str = "mse"
+    compile: bool = True
+    naive: bool = True
+    reference_irs: bool = True
+    batch_sizes: tuple[int, ...] = (100, 400, 1000)
+    threads: int = 2
+    seed: int = 0
+
+
+def quick_config(threads: int = 2) -> BenchConfig:
+    """A configuration that runs in well under a minute (for tests and smoke checks)."""
+    return BenchConfig(images=4, n_p=50, fp_n=100, n0=20, batch_size=100, throughput_batches=2,
+                       agreement_samples=400, gemm_size=512, calibration_images=32,
+                       calibration="max", compile=False, batch_sizes=(), threads=threads)  # fmt: skip
+
+
+def mixed_policy(num_layers: int, seed: int = 0) -> Policy:
+    """A fixed mixed-precision policy: first and last layers 8/8, others 2..8 bits at random."""
+    rng = np.random.default_rng(seed)
+    w = [int(b) for b in rng.integers(2, 9, num_layers)]
+    a = [int(b) for b in rng.integers(2, 9, num_layers)]
+    w[0] = a[0] = w[-1] = a[-1] = 8
+    return Policy(tuple(w), tuple(a))
+
+
+def _time(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def gemm_peaks(size: int = 2048, reps: int = 3) -> dict:
+    """Measured GEMM throughput (GFLOP/s; int8 in GOP/s) of ``torch.matmul`` in fp32 and
+    bf16 and of ``torch._int_mm`` in int8 on ``size x size`` matrices (best of ``reps``)."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=gen)
+    b = torch.randn(size, size, generator=gen)
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    ops = {
+        "fp32": (lambda: torch.matmul(a, b)),
+        "bf16": (lambda: torch.matmul(a16, b16)),
+    }
+    if hasattr(torch, "_int_mm"):
+        ai = torch.randint(-127, 128, (size, size), dtype=torch.int8, generator=gen)
+        bi = torch.randint(-127, 128, (size, size), dtype=torch.int8, generator=gen)
+        ops["int8"] = lambda: torch._int_mm(ai, bi)
+    flops = 2.0 * size**3
+    best = {k: 0.0 for k in ops}
+    for k, fn in ops.items():
+        try:
+            fn()
+        except RuntimeError:
+            best.pop(k)
+    for _ in range(reps):  # interleaved rounds
+        for k in best:
+            best[k] = max(best[k], flops / _time(ops[k]) / 1e9)
+    return {f"{k}_gflops": round(v, 2) for k, v in best.items()}
+
+
+def _noisy_batches(images: torch.Tensor, sigma: float, batch: int, count: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        idx = torch.randint(len(images), (batch,), generator=gen)
+        out.append(images[idx] + sigma * torch.randn((batch, *images.shape[1:]), generator=gen))
+    return out
+
+
+def _throughputs(runners: dict[str, Callable], batches: list[torch.Tensor]) -> dict[str, float]:
+    """samples/s of each runner: interleaved rounds over the batches, median round."""
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    with torch.inference_mode():
+        for fn in runners.values():  # warm-up
+            fn(batches[0])
+        for x in batches:
+            for k, fn in runners.items():
+                times[k].append(len(x) / _time(lambda fn=fn, x=x: fn(x)))
+    return {k: round(statistics.median(v), 1) for k, v in times.items()}
+
+
+def _load_model(checkpoint: str | None):
+    from arq_gym.models import ZooError, build, load_checkpoint, load_shipped
+
+    if checkpoint is not None:
+        model, meta = load_checkpoint(checkpoint)
+        return model, meta, f"checkpoint {os.path.basename(checkpoint)}"
+    try:
+        model, meta = load_shipped("resnet20", sigma=0.25)
+        return model, meta, "shipped resnet20 sigma 0.25"
+    except (ZooError, FileNotFoundError, ValueError):
+        torch.manual_seed(0)
+        model = build("resnet20").eval()
+        meta = {"architecture": "resnet20", "dataset": "cifar10", "sigma": 0.25, "sha256": ""}
+        return model, meta, "resnet20 random init (no shipped weights yet)"
+
+
+def run_bench(cfg: BenchConfig, checkpoint: str | None = None, data_dir=None,
+              cache_dir=None, progress: bool = False,
+              log: Callable[[str], None] | None = None) -> dict:  # fmt: skip
+    """Run the benchmark described in the module docstring; returns the JSON-ready result."""
+    from arq_gym import data as data_mod
+    from arq_gym.fidelity import get_fidelity
+    from arq_gym.quant import (
+        QuantizedModel,
+        calibration_images,
+        check_int8_kernel,
+        uniform_policy,
+    )
+    from arq_gym.smoothing import certify, certify_incremental
+    from arq_gym.smoothing.incremental import build_irs_cache, load_or_build_irs_cache
+
+    say = log or (lambda _m: None)
+    torch.set_num_threads(int(cfg.threads))
+    t_all = time.perf_counter()
+    model, meta, model_desc = _load_model(checkpoint)
+    sigma = float(meta.get("sigma", 0.25))
+    splits = data_mod.load(meta.get("dataset", "cifar10"), data_dir=data_dir)
+    fid = get_fidelity("search", images=cfg.images, n=cfg.fp_n, n_p=cfg.n_p)
+    split = splits.split(fid.split)
+    keys = fid.subset_indices(len(split))
+    subset = split.subset(keys)
+    images = torch.from_numpy(np.ascontiguousarray(subset.x)).float().div_(255.0)
+    labels = np.asarray(subset.y, dtype=np.int64)
+
+    say("calibrating the quantized model")
+    calib = calibration_images(splits.train, cfg.calibration_images, seed=0)
+    t0 = time.perf_counter()
+    qref = QuantizedModel(model, calib, sigma, calibration=cfg.calibration, seed=0)
+    calibration_seconds = time.perf_counter() - t0
+    layers = qref.layers
+    w4a4 = uniform_policy(layers, 4)
+    mixed = mixed_policy(len(layers))
+    policies = {"fp": Policy.uniform(len(layers), 32, None), "w4a4": w4a4, "mixed": mixed}
+    flops = 2 * sum(layer.macs for layer in layers)
+
+    int8_ok = check_int8_kernel()
+    qcl = copy.deepcopy(qref)
+    qcl.model.to(memory_format=torch.channels_last)
+    paths: dict[str, QuantizedModel] = {"fp32-reference": qref, "fp32-channels_last": qcl}
+    skipped: dict[str, str] = {}
+    compile_seconds = None
+    if int8_ok:
+        paths["int8"] = copy.deepcopy(qref).set_backend("int8")
+        if cfg.compile:
+            qc = copy.deepcopy(qref).set_backend("int8").apply(w4a4)
+            say("compiling the int8 model (torch.compile)")
+            qc.compile()
+            warm = _noisy_batches(images, sigma, cfg.batch_size, 1, 99)[0]
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                qc(warm)
+                qc(warm[: max(1, len(warm) // 2 + 1)])  # second shape: dynamic batch dim
+            compile_seconds = time.perf_counter() - t0
+            paths["int8-compiled"] = qc
+        else:
+            skipped["int8-compiled"] = "compile disabled (--quick or --no-compile)"
+    else:
+        for p in ("int8", "int8-compiled"):
+            skipped[p] = "no exact oneDNN int8 convolution on this torch/CPU"
+
+    say("measuring GEMM peaks")
+    peaks = gemm_peaks(cfg.gemm_size)
+
+    say("measuring throughput")
+    batches = _noisy_batches(images, sigma, cfg.batch_size, cfg.throughput_batches, cfg.seed)
+    sps: dict[str, dict[str, float]] = {p: {} for p in paths}
+    for pname, pol in policies.items():
+        runners = {}
+        for path, qm in paths.items():
+            if pname == "fp" and path == "int8-compiled":
+                continue  # float layers would change the compiled graph; fp runs eager
+            qm.apply(pol)
+            if path == "fp32-channels_last":
+                runners[path] = lambda x, qm=qm: qm(x.contiguous(memory_format=torch.channels_last))
+            else:
+                runners[path] = qm
+        for path, v in _throughputs(runners, batches).items():
+            sps[path][pname] = v
+    for qm in paths.values():
+        qm.apply(w4a4)
+
+    fastest = max((p for p in paths if p != "fp32-channels_last"),
+                  key=lambda p: sps[p].get("w4a4", 0.0))  # fmt: skip
+    batch_sweep = {}
+    if cfg.batch_sizes:
+        say(f"batch-size sweep on {fastest}")
+        qm = paths[fastest]
+        for bs in cfg.batch_sizes:
+            bb = _noisy_batches(images, sigma, bs, max(2, cfg.throughput_batches // 2), 7)
+            batch_sweep[str(bs)] = _throughputs({fastest: qm}, bb)[fastest]
+
+    # agreement of each fast path with the reference (top-1 class on noisy samples)
+    say(f"agreement on {cfg.agreement_samples} noisy samples")
+    agreement = {}
+    fast_paths = [p for p in paths if p != "fp32-reference"]
+    if cfg.agreement_samples > 0 and fast_paths:
+        bs = cfg.batch_size
+        nb = max(1, -(-cfg.agreement_samples // bs))
+        dis = {p: 0 for p in fast_paths}
+        maxdiff = {p: 0.0 for p in fast_paths}
+        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        with torch.inference_mode():
+            for b in range(nb):
+                pol = (w4a4, mixed)[b % 2]
+                idx = torch.randint(len(images), (bs,), generator=gen)
+                x = images[idx] + sigma * torch.randn((bs, *images.shape[1:]), generator=gen)
+                ref = qref.apply(pol)(x)
+                for p in fast_paths:
+                    out = paths[p].apply(pol)(x)
+                    dis[p] += int((out.argmax(1) != ref.argmax(1)).sum())
+                    maxdiff[p] = max(maxdiff[p], float((out - ref).abs().max()))
+        for p in fast_paths:
+            agreement[p] = {"samples": nb * bs, "disagreements": dis[p],
+                            "max_abs_logit_diff": maxdiff[p],
+                            "policies": ["w4a4", "mixed"]}  # fmt: skip
+        for qm in paths.values():
+            qm.apply(w4a4)
+
+    # one policy at fidelity search: fastest path, reference IRS, naive CERTIFY
+    say(f"IRS cache of the FP network ({cfg.images} images, n={cfg.fp_n})")
+    from arq_gym.data import user_cache_dir
+
+    cache_root = (cache_dir or (user_cache_dir() / "bench")).__fspath__()
+    expected = {"checkpoint_sha256": meta.get("sha256", ""), "data_sha256": subset.sha256(),
+                "sigma": sigma, "n0": cfg.n0, "n": cfg.fp_n, "alpha": cfg.alpha,
+                "seed": cfg.seed, "n_p_max": cfg.n_p}  # fmt: skip
+    fname = f"{(meta.get('sha256') or 'random')[:16]}_i{cfg.images}_n{cfg.fp_n}_np{cfg.n_p}.npz"
+    t0 = time.perf_counter()
+
+    def build():
+        return build_irs_cache(model, images, labels, sigma, n0=cfg.n0, n=cfg.fp_n,
+                               alpha=cfg.alpha, n_p_max=cfg.n_p, seed=cfg.seed,
+                               image_keys=keys, batch_size=400, progress=progress,
+                               checkpoint_sha256=meta.get("sha256", ""),
+                               data_sha256=subset.sha256())  # fmt: skip
+
+    if meta.get("sha256"):
+        cache = load_or_build_irs_cache(os.path.join(cache_root, fname), expected, build)
+    else:  # random init: nothing stable to key a file on
+        cache = build()
+    cache_seconds = time.perf_counter() - t0
+    irs_kw = dict(n_p=cfg.n_p, alpha_zeta=cfg.alpha_zeta, gamma=cfg.gamma, progress=progress)
+
+    def irs(qm: QuantizedModel, bs: int):
+        t0 = time.perf_counter()
+        qm.apply(mixed)
+        with torch.inference_mode():
+            cert = certify_incremental(qm, images, labels, cache, batch_size=bs, **irs_kw)
+        return cert, time.perf_counter() - t0
+
+    for qm in paths.values():  # the evaluated policy must not be the one applied already
+        qm.apply(w4a4)
+    best_bs = int(max(batch_sweep, key=batch_sweep.get)) if batch_sweep else cfg.batch_size
+    say(f"IRS of one policy through {fastest} (batch {best_bs})")
+    cert_fast, policy_seconds = irs(paths[fastest], best_bs)
+    result_irs_ref = None
+    if cfg.reference_irs:
+        say("IRS of the same policy through fp32-reference")
+        cert_ref, ref_seconds = irs(qref, 400)
+        same = (np.array_equal(cert_ref.predict, cert_fast.predict)
+                and np.allclose(cert_ref.radius, cert_fast.radius, rtol=0, atol=0))  # fmt: skip
+        result_irs_ref = {"seconds": round(ref_seconds, 3), "acr": float(cert_ref.acr),
+                          "identical_certificate": bool(same),
+                          "images_with_other_radius": int(
+                              (cert_ref.radius != cert_fast.radius).sum())}  # fmt: skip
+    naive_seconds = None
+    naive = None
+    if cfg.naive:
+        say("naive baseline: CERTIFY from scratch, reference path, fresh noise")
+        qref.apply(mixed)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            cert_naive = certify(
+                qref,
+                images,
+                labels,
+                sigma,
+                n0=cfg.n0,
+                n=cfg.n_p,
+                alpha=cfg.alpha + cfg.alpha_zeta,
+                batch_size=400,
+                seed=cfg.seed + 1000,
+                image_keys=keys,
+                progress=progress,
+            )
+        naive_seconds = time.perf_counter() - t0
+        naive = {"seconds": round(naive_seconds, 3), "acr": float(cert_naive.acr),
+                 "forward_passes": int(cert_naive.forward_passes)}  # fmt: skip
+
+    limits = {k.split("_")[0]: v * 1e9 / flops for k, v in peaks.items()}
+    arith = {"fp32-reference": "fp32", "fp32-channels_last": "fp32", "int8": "int8",
+             "int8-compiled": "int8"}  # fmt: skip
+    best_q = max(sps, key=lambda p: sps[p].get("w4a4", 0.0))
+    best_rate = max(sps[best_q].get("w4a4", 0.0), sps[best_q].get("mixed", 0.0))
+    best_limit = limits.get(arith[best_q], limits.get("fp32"))
+    return {
+        "model": model_desc,
+        "checkpoint_sha256": meta.get("sha256", ""),
+        "threads": int(cfg.threads),
+        "torch": torch.__version__,
+        "flops_per_sample": int(flops),
+        "peak": peaks,
+        "limit_samples_per_second": {k: round(v, 1) for k, v in limits.items()},
+        "samples_per_second": sps,
+        "skipped_paths": skipped,
+        "batch_size": cfg.batch_size,
+        "batch_sweep": {"path": fastest, "samples_per_second": batch_sweep},
+        "compile_seconds": None if compile_seconds is None else round(compile_seconds, 2),
+        "calibration_seconds": round(calibration_seconds, 2),
+        "agreement": agreement,
+        "fastest_path": fastest,
+        "limit_path": best_q,
+        "limit_fraction": round(best_rate / best_limit, 4) if best_limit else None,
+        "fidelity": {
+            "images": cfg.images,
+            "fp_n": cfg.fp_n,
+            "n_p": cfg.n_p,
+            "n0": cfg.n0,
+            "alpha": cfg.alpha,
+            "alpha_zeta": cfg.alpha_zeta,
+            "gamma": cfg.gamma,
+        },
+        "irs_cache_seconds": round(cache_seconds, 2),
+        "policy": {"w_bits": list(mixed.w_bits), "a_bits": list(mixed.a_bits)},
+        "policy_seconds": round(policy_seconds, 3),
+        "policy_forward_passes": int(cert_fast.forward_passes),
+        "policy_branches": cert_fast.meta.get("branches", {}),
+        "policy_acr": float(cert_fast.acr),
+        "policy_function": paths[fastest].function_id,
+        "reference_irs": result_irs_ref,
+        "naive": naive,
+        "naive_seconds": None if naive_seconds is None else round(naive_seconds, 3),
+        "speedup": None if naive_seconds is None else round(naive_seconds / policy_seconds, 2),
+        "seconds": round(time.perf_counter() - t_all, 1),
+    }

@@ -1,0 +1,73 @@
+"""``arq-gym bench-speed``: certification speed on this machine (see :mod:`arq_gym.bench_speed`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from arq_gym.cli import CLIError, command
+
+
+def _add_bench(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="test-sized run (seconds, not minutes)")
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        help="base model checkpoint (default: the shipped ResNet-20, sigma 0.25)",
+    )
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--images", type=int, default=None, help="images certified (default 100)")
+    p.add_argument(
+        "--fp-n",
+        type=int,
+        default=None,
+        help="estimation samples of the FP network's IRS cache (default 10,000)",
+    )
+    p.add_argument("--n-p", type=int, default=None, help="samples per image for IRS (500)")
+    p.add_argument(
+        "--agreement-samples",
+        type=int,
+        default=None,
+        help="noisy samples compared with the reference (default 100,000)",
+    )
+    p.add_argument("--no-compile", action="store_true", help="skip the int8-compiled path")
+    p.add_argument("--no-naive", action="store_true", help="skip the naive baseline")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--cache-dir", default=None, help="where the FP IRS cache is kept")
+    p.add_argument("--no-progress", action="store_true")  # fmt: skip
+
+
+@command("bench-speed", "measure certification speed: throughput, one policy, naive baseline")(
+    _add_bench
+)
+def cmd_bench_speed(args) -> dict:
+    from pathlib import Path
+
+    from arq_gym.bench_speed import BenchConfig, quick_config, run_bench
+
+    if args.threads < 1:
+        raise CLIError(f"--threads must be >= 1, got {args.threads}")
+    cfg = quick_config(args.threads) if args.quick else BenchConfig(threads=args.threads)
+    for name, attr in (("images", "images"), ("fp_n", "fp_n"), ("n_p", "n_p"),
+                       ("agreement_samples", "agreement_samples")):  # fmt: skip
+        value = getattr(args, name)
+        if value is not None:
+            if value < (0 if name == "agreement_samples" else 1):
+                raise CLIError(f"--{name.replace('_', '-')} must be positive, got {value}")
+            setattr(cfg, attr, value)
+    if cfg.n_p > cfg.fp_n:
+        raise CLIError(f"--n-p ({cfg.n_p}) must not exceed --fp-n ({cfg.fp_n})")
+    if args.no_compile:
+        cfg.compile = False
+    if args.no_naive:
+        cfg.naive = False
+    if args.checkpoint is not None and not Path(args.checkpoint).is_file():
+        raise CLIError(f"checkpoint {args.checkpoint!r} does not exist")
+
+    def log(msg: str) -> None:
+        if not args.no_progress:
+            print(f"bench-speed: {msg}", file=sys.stderr, flush=True)
+
+    return run_bench(cfg, checkpoint=args.checkpoint, data_dir=args.data_dir,
+                     cache_dir=None if args.cache_dir is None else Path(args.cache_dir),
+                     progress=not args.no_progress, log=log)  # fmt: skip

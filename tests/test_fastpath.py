@@ -1,0 +1,203 @@
+"""Fast execution paths of the quantized network (arq_gym.quant backends, bench-speed)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from arq_gym.models import build
+from arq_gym.policy import Policy
+from arq_gym.quant import (
+    ActivationQuantizer,
+    Int8Conv2d,
+    QuantizedModel,
+    check_int8_kernel,
+    quantize_weight,
+    uniform_policy,
+    weight_integers,
+)
+
+needs_int8 = pytest.mark.skipif(not check_int8_kernel(), reason="no exact oneDNN int8 conv")
+
+
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+def test_activation_quantizer_bit_identical_to_torch_fake_quantize(signed, bits):
+    gen = torch.Generator().manual_seed(bits + 10 * signed)
+    aq = ActivationQuantizer(signed, {b: 0.37 * b for b in range(2, 9)})
+    aq.set_bits(bits)
+    x = torch.randn(200_000, generator=gen) * aq.ranges[bits]
+    # exact ties (k + 1/2) * scale and values far outside the range
+    k = torch.randint(aq.qmin - 2, aq.qmax + 3, (20_000,), generator=gen).float()
+    x[:20_000] = (k + 0.5) * aq.scale
+    x[20_000:20_100] = 1e6
+    ref = torch.fake_quantize_per_tensor_affine(x, aq.scale, aq.zero_point, aq.qmin, aq.qmax)
+    ours = aq(x)
+    assert torch.equal(ours, ref)  # equal values (+0.0 and -0.0 compare equal)
+    codes = aq.quantize(x)
+    assert torch.equal(codes * aq.scale, ref)
+    assert codes.min() >= aq.qmin and codes.max() <= aq.qmax
+    assert torch.equal(codes, codes.round())
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_weight_integers_reproduce_fake_quantized_weight(bits, per_channel):
+    w = torch.randn(16, 8, 3, 3, generator=torch.Generator().manual_seed(bits))
+    wq = quantize_weight(w, bits, per_channel)
+    q, scale = weight_integers(wq, bits, per_channel)
+    assert q.dtype == torch.int8 and int(q.abs().max()) <= 2 ** (bits - 1) - 1
+    assert torch.equal(q.float() * scale.view(-1, 1, 1, 1), wq)
+
+
+@needs_int8
+@pytest.mark.parametrize("signed", [False, True])
+def test_int8_conv_sums_exactly(signed):
+    """The int8 layer's output is the exact integer convolution times s_a * s_w, rounded to
+    float32 (a couple of ulps at most), on codes the reference quantizer produces."""
+    gen = torch.Generator().manual_seed(1 + signed)
+    conv = nn.Conv2d(32, 24, 3, stride=2, padding=1, bias=True)
+    nn.init.normal_(conv.bias)
+    fp_w = conv.weight.detach().clone()
+    aq = ActivationQuantizer(signed, {b: 2.5 for b in range(2, 9)})
+    aq.set_bits(8)
+    with torch.no_grad():
+        conv.weight.copy_(quantize_weight(fp_w, 8))
+    layer = Int8Conv2d(conv, aq)
+    layer.refresh(8, 8)
+    x = torch.randn(6, 32, 12, 12, generator=gen) * 2.0
+    if not signed:
+        x = x.abs()
+    out = layer(x)
+    codes = aq.quantize(x)
+    q, s_w = weight_integers(conv.weight, 8)
+    acc = nn.functional.conv2d(codes.double(), q.double(), stride=2, padding=1)  # exact
+    exact = acc * float(aq.scale) * s_w.double().view(1, -1, 1, 1)
+    exact = exact + conv.bias.double().view(1, -1, 1, 1)
+    tol = 4 * torch.finfo(torch.float32).eps * (exact.abs() + 1.0)
+    assert out.dtype == torch.float32 and out.shape == exact.shape
+    assert ((out.double() - exact).abs() <= tol).all()
+    # and the fp32 reference (fake quantization) is an approximation of the same sums
+    ref = conv(aq(x))
+    assert torch.allclose(ref.double(), exact, rtol=1e-5, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def resnet_q():
+    torch.manual_seed(0)
+    model = build("resnet20").eval()
+    # give batch norm realistic statistics so activations are not all tiny
+    with torch.no_grad():
+        model.train()
+        for _ in range(3):
+            model(torch.rand(64, 3, 32, 32))
+        model.eval()
+    return QuantizedModel(model, torch.rand(32, 3, 32, 32), 0.25, calibration="max")
+
+
+MIXED = Policy((8,) + (3, 5, 6, 2, 7) * 3 + (4, 3, 8, 8), (8,) + (5, 3, 2, 6, 4) * 3 + (8, 6, 8, 8))
+
+
+@needs_int8
+@pytest.mark.parametrize("policy", ["w4a4", "mixed"])
+def test_int8_backend_agrees_with_reference(resnet_q, policy):
+    pol = uniform_policy(resnet_q.layers, 4) if policy == "w4a4" else MIXED
+    ref_model = copy.deepcopy(resnet_q).apply(pol)
+    fast = copy.deepcopy(resnet_q).set_backend("int8").apply(pol)
+    assert fast.backend == "int8" and fast.function_id == "int8-exact-sums"
+    assert ref_model.function_id == "fake-quant-fp32"
+    gen = torch.Generator().manual_seed(3)
+    agree = total = 0
+    with torch.inference_mode():
+        for _ in range(3):
+            x = torch.rand(100, 3, 32, 32, generator=gen)
+            x = x + 0.25 * torch.randn(x.shape, generator=gen)
+            a, b = ref_model(x), fast(x)
+            agree += int((a.argmax(1) == b.argmax(1)).sum())
+            total += len(x)
+            assert (a - b).abs().max() < 0.1 * a.abs().max() + 1e-3
+    assert agree / total >= 0.98
+
+
+@needs_int8
+def test_backend_switch_restores_reference_exactly(resnet_q):
+    qm = copy.deepcopy(resnet_q).apply(MIXED)
+    x = torch.rand(16, 3, 32, 32)
+    with torch.inference_mode():
+        before = qm(x)
+        qm.set_backend("int8")
+        assert any(isinstance(m, Int8Conv2d) for m in qm.model.modules())
+        qm.apply(uniform_policy(qm.layers, 4)).apply(MIXED)  # re-packs, then back
+        qm.set_backend("reference")
+        assert not any(isinstance(m, Int8Conv2d) for m in qm.model.modules())
+        assert torch.equal(qm(x), before)
+        # the float policy through the int8 backend is the float network
+        qm.set_backend("int8").apply(Policy.uniform(qm.num_layers, 32, None))
+        assert torch.equal(qm(x), qm.model(x))
+
+
+@needs_int8
+def test_int8_copies_are_independent(resnet_q):
+    a = copy.deepcopy(resnet_q).set_backend("int8").apply(MIXED)
+    b = copy.deepcopy(a)
+    x = torch.rand(8, 3, 32, 32)
+    with torch.inference_mode():
+        out_a = a(x)
+        assert torch.equal(b(x), out_a)
+        b.apply(uniform_policy(b.layers, 2))
+        assert torch.equal(a(x), out_a)  # changing the copy leaves the original alone
+
+
+def test_bad_backend_is_one_clear_error(resnet_q):
+    with pytest.raises(ValueError, match="unknown backend"):
+        copy.deepcopy(resnet_q).set_backend("int4")
+
+
+@needs_int8
+@pytest.mark.slow
+def test_compiled_int8_agrees_and_does_not_recompile_per_policy(resnet_q):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    qm = copy.deepcopy(resnet_q).set_backend("int8").apply(MIXED)
+    eager = copy.deepcopy(qm)
+    qm.compile()
+    x = torch.rand(64, 3, 32, 32) + 0.25 * torch.randn(64, 3, 32, 32)
+    with torch.inference_mode():
+        for pol in (MIXED, uniform_policy(qm.layers, 4), MIXED):
+            qm.apply(pol)
+            eager.apply(pol)
+            a, b = qm(x), eager(x)
+            assert (a.argmax(1) == b.argmax(1)).float().mean() >= 0.95
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_bench_speed_quick_json(tmp_path, capsys):
+    from arq_gym.cli import main
+
+    rc = main(["bench-speed", "--quick", "--json", "--no-progress", "--images", "2",
+               "--cache-dir", str(tmp_path)])  # fmt: skip
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("policy_seconds", "naive_seconds", "speedup", "samples_per_second",
+                "limit_fraction", "peak", "flops_per_sample", "agreement"):  # fmt: skip
+        assert key in res
+    assert res["flops_per_sample"] == 2 * 40_551_040
+    assert res["peak"]["fp32_gflops"] > 0
+    assert res["samples_per_second"]["fp32-reference"]["w4a4"] > 0
+    assert res["speedup"] == pytest.approx(res["naive_seconds"] / res["policy_seconds"], rel=0.02)
+    if check_int8_kernel():
+        assert res["agreement"]["int8"]["samples"] >= 400
+        assert res["reference_irs"]["identical_certificate"] in (True, False)
+
+
+def test_bench_speed_rejects_bad_input(capsys):
+    from arq_gym.cli import main
+
+    assert main(["bench-speed", "--quick", "--threads", "0"]) == 2
+    assert "threads" in capsys.readouterr().err
