@@ -15,6 +15,10 @@ Up to ``workers`` searches run in parallel processes (``spawn``); each process g
 ``cpu_count // workers`` torch threads. Every search checkpoints after each episode, so an
 interrupted benchmark continues with ``resume=True``: finished searches are not run again,
 unfinished ones resume from their last completed episode.
+
+Worker processes start fresh: the ``ARQ-*`` ids are registered there by ``import arq_gym``; an
+env of your own must be named ``"your_module:YourEnv-v0"`` so that Gymnasium imports the module
+that registers it.
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ from arq_gym.models import (
     load_shipped,
     save_checkpoint,
     shipped_models,
+    zoo,
 )
-from arq_gym.models import zoo
 
 
 def test_resnet20_shape_and_parameters():

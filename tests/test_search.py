@@ -26,6 +26,18 @@ OUTPUTS = ("run.json", "episodes.csv", "best_policy.json", "search.json", "rewar
            "best_bits.png", "state.pkl")  # fmt: skip
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One torch thread: on the shared 2-core CI machine two threads contend with the other
+    jobs and make small certifications several times slower (measured 8x on LeNet smoke)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def read_csv(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -96,6 +108,7 @@ def test_search_writes_every_output_and_resume_of_finished_run_is_a_no_op(tmp_pa
 def _cli(args: list[str], env_extra: dict | None = None) -> subprocess.Popen:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(REPO), env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
     env.update(env_extra or {})
     return subprocess.Popen([sys.executable, "-m", "arq_gym", *args], env=env, cwd=str(REPO),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
