@@ -90,6 +90,8 @@ def cmd_envs(args) -> dict:
         for k, v in inspect.signature(ARQEnv.__init__).parameters.items()
         if v.default is not inspect.Parameter.empty
     }
+    # sigma=None means "the shipped model's default (0.25), or the checkpoint's own sigma"
+    defaults["sigma"] = 0.25
     envs = [{"id": env_id, "kwargs": {**defaults, **spec}} for env_id, spec in ENV_SPECS.items()]
     return {"envs": envs}
 
