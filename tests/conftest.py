@@ -34,3 +34,15 @@ def isolated_cache(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("ARQ_GYM_CACHE", str(cache))
     monkeypatch.delenv("ARQ_GYM_DATA", raising=False)
     return cache
+
+
+@pytest.fixture()
+def one_torch_thread():
+    """One torch thread for the test: on a shared 2-core machine two threads contend with
+    other jobs and make small certifications several times slower (measured 8x on LeNet smoke)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

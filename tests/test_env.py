@@ -26,23 +26,9 @@ CONTRACT_INFO_KEYS = {
 }  # fmt: skip
 
 
-def resnet20_kwargs(tmp_root: Path) -> dict:
-    """Shipped ResNet-20 (sigma 0.25) if the zoo has it, else a randomly initialised one."""
-    from arq_gym.models import build, save_checkpoint, shipped_models
-
-    if any(m["architecture"] == "resnet20" and m["sigma"] == 0.25 for m in shipped_models()):
-        return {}
-    path = tmp_root / "resnet20_random_s0.25.pt"
-    if not path.is_file():
-        torch.manual_seed(0)
-        meta = {"architecture": "resnet20", "dataset": "cifar10", "sigma": 0.25}
-        save_checkpoint(build("resnet20", "cifar10"), meta, path)
-    return {"checkpoint": str(path)}
-
-
 @pytest.fixture(scope="module")
-def resnet_kw(tmp_path_factory, data_dir) -> dict:
-    return {**SMOKE, **resnet20_kwargs(tmp_path_factory.getbasetemp()), "data_dir": str(data_dir)}
+def resnet_kw(data_dir) -> dict:
+    return {**SMOKE, "data_dir": str(data_dir)}  # the shipped ResNet-20, sigma 0.25
 
 
 @pytest.fixture(scope="module")

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
 import pytest
-import torch
 
 import arq_gym  # noqa: F401  (registers the ids)
 
@@ -16,25 +14,9 @@ EPISODES = 3
 LAYERS = 20
 
 
-def resnet20_kwargs(tmp_root: Path) -> dict:
-    """Shipped ResNet-20 (sigma 0.25) if the zoo has it, else a randomly initialised one
-    (same file as tests/test_env.py uses, so one process builds one problem)."""
-    from arq_gym.models import build, save_checkpoint, shipped_models
-
-    if any(m["architecture"] == "resnet20" and m["sigma"] == 0.25 for m in shipped_models()):
-        return {}
-    path = tmp_root / "resnet20_random_s0.25.pt"
-    if not path.is_file():
-        torch.manual_seed(0)
-        meta = {"architecture": "resnet20", "dataset": "cifar10", "sigma": 0.25}
-        save_checkpoint(build("resnet20", "cifar10"), meta, path)
-    return {"checkpoint": str(path)}
-
-
 @pytest.fixture(scope="module")
-def env_kw(tmp_path_factory, data_dir) -> dict:
-    return {"fidelity": "smoke", "device": "cpu", "data_dir": str(data_dir),
-            **resnet20_kwargs(tmp_path_factory.getbasetemp())}  # fmt: skip
+def env_kw(data_dir) -> dict:
+    return {"fidelity": "smoke", "device": "cpu", "data_dir": str(data_dir)}
 
 
 def _learn(model) -> None:

@@ -26,16 +26,7 @@ OUTPUTS = ("run.json", "episodes.csv", "best_policy.json", "search.json", "rewar
            "best_bits.png", "state.pkl")  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One torch thread: on the shared 2-core CI machine two threads contend with the other
-    jobs and make small certifications several times slower (measured 8x on LeNet smoke)."""
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def read_csv(path: Path) -> list[dict]:
