@@ -120,6 +120,9 @@ def _add_train(p):
     p.add_argument("--log-dir", default=None, help="TensorBoard folder (default: OUT.tb)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--train-images", type=int, default=None, help="use only K training images")
+    p.add_argument("--init", default=None, metavar="CKPT",
+                   help="warm start from this checkpoint (same model, dataset, sigma); a fresh "
+                        "cosine schedule of --epochs follows")
 
 
 @command("train", "train a base model with Gaussian noise augmentation")(_add_train)
@@ -129,7 +132,7 @@ def cmd_train(args) -> dict:
     cfg = TrainConfig(model=args.model, dataset=args.dataset, sigma=args.sigma, epochs=args.epochs,
                       batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       bf16=not args.no_bf16, device=args.device,
-                      train_images=args.train_images)
+                      train_images=args.train_images, init=args.init)
     meta = train(cfg, args.out, data_dir=args.data_dir, resume=args.resume,
                  log_dir=args.log_dir or (args.out + ".tb"))
     return {k: v for k, v in meta.items() if k != "history"} | {"out": args.out}

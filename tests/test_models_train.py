@@ -131,3 +131,23 @@ def test_training_resumes_after_sigkill(tmp_path, data_dir):
     assert [h["epoch"] for h in meta_b["history"]] == [1, 2, 3]
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.allclose(x.float(), y.float(), atol=1e-5), name
+
+
+def test_warm_start_records_lineage_and_checks_the_parent(tmp_path, data_dir, one_torch_thread, capsys):
+    from arq_gym.cli import main
+
+    parent = zoo.WEIGHTS_DIR / zoo.find_shipped("lenet5", None, 0.25)["file"]
+    _, parent_meta = load_checkpoint(parent)
+    out = tmp_path / "warm.pt"
+    assert main(["train", "--model", "lenet5", "--sigma", "0.25", "--epochs", "1", "--lr", "0.01",
+                 "--train-images", "2000", "--init", str(parent), "--out", str(out),
+                 "--data-dir", str(data_dir)]) == 0
+    _, meta = load_checkpoint(out)
+    assert meta["parent_sha256"] == parent_meta["sha256"]
+    assert meta["total_epochs"] == parent_meta["epochs"] + 1
+    # one epoch on 2,000 images from a trained parent stays far above what that run alone reaches
+    assert meta["clean_test_accuracy"] > 0.75
+    wrong = zoo.WEIGHTS_DIR / zoo.find_shipped("lenet5", None, 0.5)["file"]
+    assert main(["train", "--model", "lenet5", "--sigma", "0.25", "--epochs", "1", "--init", str(wrong),
+                 "--out", str(tmp_path / "bad.pt"), "--data-dir", str(data_dir)]) == 2
+    assert "--init checkpoint" in capsys.readouterr().err and not (tmp_path / "bad.pt").exists()

@@ -70,7 +70,7 @@ def ship(checkpoint: str | Path) -> dict:
         "sigma": float(meta["sigma"]),
         "file": name,
         "sha256": sha256_of(WEIGHTS_DIR / name),
-        "epochs": meta["epochs"],
+        "epochs": meta.get("total_epochs", meta["epochs"]),
         "dataset_sha256": meta["dataset_sha256"],
         "clean_test_accuracy": meta.get("clean_test_accuracy"),
         "noisy_test_accuracy": meta.get("noisy_test_accuracy"),
