@@ -37,15 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from arq_gym.search import (
-    SearchError,
-    _dumps,
-    _normalise,
-    atomic_write_bytes,
-    atomic_write_text,
-    load_records,
-    search,
-)
+from arq_gym.files import atomic_write_bytes, atomic_write_text, dumps
+from arq_gym.search import SearchError, _normalise, load_records, search
 
 __all__ = ["LEADERBOARD_FIELDS", "benchmark", "episodes_to_fraction", "parse_agent_kwargs"]
 
@@ -235,7 +228,7 @@ def benchmark(
                 raise SearchError(f"output dir {out} holds a benchmark with {key}="
                                   f"{prev.get(key)!r}, not {config[key]!r}")  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(bench_json, _dumps(config | {
+    atomic_write_text(bench_json, dumps(config | {
         "agents": agents, "seeds": seeds, "episodes": episodes,
         "agent_kwargs": _normalise(per_agent), "final_eval": final_eval,
         "final_images": final_images, "final_n": final_n}))  # fmt: skip
@@ -291,7 +284,7 @@ def benchmark(
     _plot_best_so_far(out, agents, seeds, episodes, env_id)
     summary = {"env_id": env_id, "out": str(out), "leaderboard": rows, "runs": runs,
                "skipped": skipped, "seconds": time.perf_counter() - t0}  # fmt: skip
-    atomic_write_text(out / "summary.json", _dumps(summary))
+    atomic_write_text(out / "summary.json", dumps(summary))
     if errors:
         raise RuntimeError(f"{len(errors)} of {len(agents) * seeds} searches failed; first: "
                            f"{errors[0]['run']}: {errors[0]['error']}")  # fmt: skip

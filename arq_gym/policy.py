@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from arq_gym.files import json_default
+
 if TYPE_CHECKING:
     from arq_gym.quant import LayerInfo
 
@@ -152,15 +154,8 @@ def save_policy(
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=2, default=_json_default) + "\n")
+    path.write_text(json.dumps(doc, indent=2, default=json_default) + "\n")
     return doc
-
-
-def _json_default(o: Any) -> Any:
-    # numpy scalars / arrays in metrics
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    raise TypeError(f"metrics value of type {type(o).__name__} is not JSON serialisable")
 
 
 def load_policy(

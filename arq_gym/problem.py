@@ -32,11 +32,9 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import fields
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -56,7 +54,9 @@ from arq_gym.budget import (
 )
 from arq_gym.cost import bops, fp32_bops
 from arq_gym.fidelity import Fidelity, get_fidelity
+from arq_gym.files import atomic_write_text, json_default
 from arq_gym.policy import Policy, valid_bits
+from arq_gym.smoothing import Certificate
 
 __all__ = [
     "REWARDS",
@@ -142,32 +142,6 @@ def _to_float(x_uint8: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x_uint8)).float().div_(255.0)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _certificate_to_dict(cert: Any) -> dict:
-    out = {}
-    for f in fields(cert):
-        value = getattr(cert, f.name)
-        out[f.name] = value.tolist() if isinstance(value, np.ndarray) else value
-    return out
-
-
-def _certificate_from_dict(data: dict) -> Any:
-    from arq_gym.smoothing import Certificate
-
-    return Certificate(**data)
-
-
 class QuantizationProblem:
     """Mixed-precision quantization of one smoothed base model under a BOPs budget.
 
@@ -189,6 +163,13 @@ class QuantizationProblem:
         seed: seed of the certification noise.
         calibration_images: number of training images that calibrate activation ranges.
         batch_size: noisy samples per forward pass (default 400 on CPU, 2,000 on CUDA).
+        backend: how the quantized network executes (:meth:`arq_gym.quant.QuantizedModel.
+            set_backend`): ``"auto"`` (default: int8 integer convolutions under torch.compile
+            on a CPU that has them, else the float32 reference), ``"int8-compiled"``,
+            ``"int8"`` or ``"reference"``. The fast paths certify the same quantized network
+            with exact integer sums; bench-speed and the tests measure their agreement with
+            the reference. :attr:`function_id` names the function certified, and it is part of
+            the evaluation-cache key.
         progress: show progress bars while building the IRS cache.
 
     Raises:
@@ -213,10 +194,13 @@ class QuantizationProblem:
         calibration_images: int = CALIBRATION_IMAGES,
         batch_size: int | None = None,
         progress: bool = False,
+        backend: str = "auto",
     ) -> None:
-        from arq_gym.quant import QuantizedModel, find_layers
+        from arq_gym.quant import BACKENDS, QuantizedModel, find_layers
         from arq_gym.quant import calibration_images as calibration_images_of
 
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         self.fidelity = get_fidelity(fidelity)
         self.meta = dict(meta)
         self.sigma = float(meta["sigma"] if sigma is None else sigma)
@@ -251,13 +235,15 @@ class QuantizationProblem:
             raise ValueError(f"model {self.architecture!r} has no quantizable conv/linear layers")
         self.calibration_images = int(calibration_images)
         qkey = (self.checkpoint_sha256, self.sigma, str(self.device), self.calibration_images,
-                getattr(splits, "sha256", None) or splits.train.sha256())  # fmt: skip
+                getattr(splits, "sha256", None) or splits.train.sha256(), backend)  # fmt: skip
         with _MEMO_LOCK:
             self.quantized = _QUANTIZED.get(qkey)
         if self.quantized is None:
             calib = calibration_images_of(splits.train, self.calibration_images, seed=0)
             self.quantized = QuantizedModel(self.model, calib, self.sigma, seed=0)
             self.quantized.to(self.device).eval()
+            self.quantized.set_backend(backend if self.device.type == "cpu" else "reference")
+            self.quantized.warmed_up = False
             with _MEMO_LOCK:
                 _QUANTIZED[qkey] = self.quantized
 
@@ -465,6 +451,7 @@ class QuantizationProblem:
             "fidelity": self.fidelity.to_dict(),
             "seed": self.seed,
             "device": self.device.type,
+            "function": self.function_id,
             "quantizer": {
                 "per_channel": self.quantized.per_channel,
                 "calibration": self.quantized.calibration,
@@ -472,6 +459,21 @@ class QuantizationProblem:
             },
         }
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def function_id(self) -> str:
+        """The function certified for a policy (:attr:`arq_gym.quant.QuantizedModel.function_id`)."""
+        return self.quantized.function_id
+
+    def _warm_up(self, policy: Policy) -> None:
+        """Build a compiled graph before the first evaluation (falls back to eager with a
+        warning if compilation fails), so that the evaluation key names what really runs."""
+        if self.quantized.warmed_up:
+            return
+        self.quantized.apply(policy)
+        batch = self.images[:1].expand(min(self.batch_size, 64), *self.images.shape[1:])
+        self.quantized.warm_up(batch.to(self.device))
+        self.quantized.warmed_up = True
 
     def _eval_path(self, policy: Policy) -> Path | None:
         if self.cache_dir is None:
@@ -488,7 +490,7 @@ class QuantizationProblem:
             doc = json.loads(path.read_text())
             if doc.get("format") != EVAL_FORMAT or doc.get("policy") != policy.to_dict():
                 return None
-            return _certificate_from_dict(doc["certificate"])
+            return Certificate.from_dict(doc["certificate"])
         except Exception:  # an unreadable entry is recomputed and overwritten
             return None
 
@@ -498,11 +500,13 @@ class QuantizationProblem:
         f = self.fidelity
         self.quantized.apply(policy)
         with torch.inference_mode():
-            return certify_incremental(
+            cert = certify_incremental(
                 self.quantized, self.images, self.labels, self.irs_cache, n_p=f.n_p,
                 alpha_zeta=f.alpha_zeta, gamma=f.gamma, batch_size=self.batch_size,
                 device=self.device, progress=False,
             )  # fmt: skip
+        cert.meta["function"] = self.function_id
+        return cert
 
     def evaluate(self, policy: Policy | Sequence[int]) -> Evaluation:
         """Enforce the budget on ``policy`` and certify the smoothed quantized network.
@@ -519,6 +523,7 @@ class QuantizationProblem:
             cert = self._memo.get(key)
             hit = cert is not None
             if cert is None:
+                self._warm_up(enforced)
                 path = self._eval_path(enforced)
                 cert = self._load_eval(path, enforced)
                 hit = cert is not None
@@ -526,8 +531,8 @@ class QuantizationProblem:
                     cert = self._certify(enforced)
                     if path is not None:
                         doc = {"format": EVAL_FORMAT, "policy": enforced.to_dict(),
-                               "certificate": _certificate_to_dict(cert)}  # fmt: skip
-                        _atomic_write_text(path, json.dumps(doc, default=_json_default))
+                               "certificate": cert.to_dict()}  # fmt: skip
+                        atomic_write_text(path, json.dumps(doc, default=json_default))
                 self._memo[key] = cert
         summary = cert.summary()
         info = self.cost_info(enforced)
@@ -568,6 +573,8 @@ class QuantizationProblem:
             "fidelity": self.fidelity.to_dict(),
             "seed": self.seed,
             "device": str(self.device),
+            "backend": self.quantized.backend + ("-compiled" if self.quantized.compiled else ""),
+            "function": self.function_id,
             "fp_acr": self.fp_acr,
             "fp_clean_accuracy": float(self.fp_certificate.clean_accuracy),
             "irs_cache": str(self.irs_cache_path),
@@ -577,14 +584,6 @@ class QuantizationProblem:
         return (f"QuantizationProblem({self.architecture}, {self.dataset}, sigma={self.sigma}, "
                 f"budget={self.budget:.6g}, fidelity={self.fidelity.key!r}, "
                 f"layers={self.num_layers})")  # fmt: skip
-
-
-def _json_default(o: Any) -> Any:
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
 
 
 # ---------------------------------------------------------------------- make_problem + memo
@@ -627,6 +626,7 @@ def make_problem(
     cache_dir: str | os.PathLike | None = None,
     seed: int = 0,
     progress: bool = True,
+    backend: str = "auto",
 ) -> QuantizationProblem:
     """Build (or reuse) the problem the environments' keyword arguments describe.
 
@@ -658,7 +658,7 @@ def make_problem(
     )
     cache_ident = None if cache_dir is None else str(Path(cache_dir).expanduser().resolve())
     base_key = (model_ident, None if sigma is None else float(sigma), fid, str(dev), data_ident,
-                int(seed))  # fmt: skip
+                int(seed), backend)  # fmt: skip
     bits_ident = tuple(bits) if isinstance(bits, (list, tuple)) else bits
     budget_key = repr((budget, bits_ident, keep_first_last, budget_mode, cache_ident))
     with _MEMO_LOCK:
@@ -671,13 +671,13 @@ def make_problem(
         else:
             problem = _build_problem(model, dataset, sigma, checkpoint, budget, bits,
                                      keep_first_last, budget_mode, fid, dev, data_dir, cache_dir,
-                                     seed, progress)  # fmt: skip
+                                     seed, progress, backend)  # fmt: skip
         _MEMO[(base_key, budget_key)] = problem
         return problem
 
 
 def _build_problem(model, dataset, sigma, checkpoint, budget, bits, keep_first_last,
-                   budget_mode, fid, dev, data_dir, cache_dir, seed, progress):  # fmt: skip
+                   budget_mode, fid, dev, data_dir, cache_dir, seed, progress, backend):  # fmt: skip
     from arq_gym import data as data_mod
     from arq_gym.models import load_checkpoint, load_shipped
 
@@ -692,7 +692,7 @@ def _build_problem(model, dataset, sigma, checkpoint, budget, bits, keep_first_l
     return QuantizationProblem(
         net, meta, splits, sigma=sigma, budget=budget, bits=bits,
         keep_first_last=keep_first_last, budget_mode=budget_mode, fidelity=fid, device=str(dev),
-        cache_dir=cache_dir, seed=seed, progress=progress,
+        cache_dir=cache_dir, seed=seed, progress=progress, backend=backend,
     )  # fmt: skip
 
 

@@ -288,7 +288,7 @@ class ActivationQuantizer(nn.Module):
         return f"signed={self.signed}, bits={self.bits}"
 
 
-BACKENDS = ("reference", "int8", "auto")
+BACKENDS = ("reference", "int8", "int8-compiled", "auto")
 
 
 def weight_integers(w_fq: torch.Tensor, bits: int, per_channel: bool = True
@@ -742,13 +742,19 @@ class QuantizedModel(nn.Module):
           (bench-speed reports the measured agreement). ValueError where the kernel is
           unavailable or inexact on this CPU (:func:`check_int8_kernel`) or the model is not
           on the CPU.
-        * ``"auto"``: ``"int8"`` where it is available, else ``"reference"``.
+        * ``"int8-compiled"``: ``"int8"`` under :meth:`compile` (the fastest CPU path; the
+          compiled graph is built on the first forward pass, a few seconds).
+        * ``"auto"``: ``"int8-compiled"`` where the int8 kernel is available, else
+          ``"reference"``. Callers that cannot afford a failed compilation at run time use
+          :meth:`warm_up`, which falls back to eager ``"int8"`` with a warning.
         """
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
         on_cpu = all(m.weight.device.type == "cpu" for m in self._targets)
         if backend == "auto":
-            backend = "int8" if on_cpu and check_int8_kernel() else "reference"
+            backend = "int8-compiled" if on_cpu and check_int8_kernel() else "reference"
+        compiled = backend == "int8-compiled"
+        backend = "int8" if compiled else backend
         if backend == "int8":
             if not on_cpu:
                 raise ValueError("backend 'int8' runs on the CPU only; move the model to the CPU")
@@ -758,21 +764,43 @@ class QuantizedModel(nn.Module):
         self.backend = backend
         with torch.no_grad():
             self._sync_int8()
+        # dynamic batch dimension: one graph serves every batch size (the last, partial batch
+        # of a certification would otherwise trigger a second compilation)
+        return self.compile(dynamic=True) if compiled else self.uncompile()
+
+    def warm_up(self, sample: torch.Tensor) -> QuantizedModel:
+        """Run one forward pass on ``sample`` (a batch of the size that will be used) so that a
+        compiled graph is built now; if compilation fails, warn and continue eagerly (the
+        :attr:`function_id` then says so). Returns ``self``."""
+        if not self.compiled:
+            return self
+        try:
+            with torch.inference_mode():  # the certification's inputs are inference tensors
+                self(sample.clone())
+        except Exception as exc:  # inductor needs a C++ toolchain; eager int8 needs none
+            import warnings
+
+            warnings.warn(f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0]}"
+                          "); running the int8 backend eagerly", RuntimeWarning, stacklevel=2)
+            self.uncompile()
         return self
 
     @property
     def function_id(self) -> str:
-        """Names the function this model computes: ``"fake-quant-fp32"`` (reference) or
+        """Names the function this model computes: ``"fake-quant-fp32"`` (reference),
         ``"int8-exact-sums"`` (int8 backend; same quantized network, integer dot products summed
-        exactly instead of in float32)."""
-        return "int8-exact-sums" if self.backend == "int8" else "fake-quant-fp32"
+        exactly instead of in float32) or ``"int8-exact-sums-compiled"`` (the same, with the
+        float operations around the convolutions fused by ``torch.compile``)."""
+        if self.backend != "int8":
+            return "fake-quant-fp32"
+        return "int8-exact-sums-compiled" if self.compiled else "int8-exact-sums"
 
     def _apply(self, fn, *args, **kwargs):  # called by .to(), .cuda(), .float(), ...
         out = super()._apply(fn, *args, **kwargs)
         if getattr(self, "backend", "reference") == "int8" and not all(
             m.weight.device.type == "cpu" for m in self._targets
         ):
-            self.set_backend("reference")
+            self.set_backend("reference").uncompile()
         return out
 
     def compile(self, **kwargs) -> QuantizedModel:

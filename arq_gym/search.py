@@ -47,6 +47,8 @@ from typing import Any
 
 import numpy as np
 
+from arq_gym.files import atomic_write_bytes, atomic_write_text, dumps, json_default
+
 __all__ = [
     "CSV_FIELDS",
     "SearchError",
@@ -74,34 +76,6 @@ class SearchError(ValueError):
 
 
 # ---------------------------------------------------------------------- small helpers
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file and ``os.replace`` (never half-written)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Text version of :func:`atomic_write_bytes`."""
-    atomic_write_bytes(path, text.encode())
-
-
-def _json_default(o: Any) -> Any:
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
-
-
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, indent=2, default=_json_default) + "\n"
 
 
 def _parse_value(text: str) -> Any:
@@ -352,7 +326,7 @@ def final_evaluation(
         fp = cert_fp.summary()
         if fp_path is not None:
             fp_path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(fp_path, _dumps(fp))
+            atomic_write_text(fp_path, dumps(fp))
     if out is not None:
         out = Path(out)
         cert_q.to_tsv(out / "final_quantized.tsv")
@@ -398,7 +372,7 @@ def _check_out(out: Path, resume: bool) -> dict | None:
 
 
 def _normalise(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=_json_default))
+    return json.loads(json.dumps(obj, default=json_default))
 
 
 def search(
@@ -492,7 +466,7 @@ def _run(env, env_id, agent_name, episodes, seed, out, config, env_kwargs, agent
     run_info["arq_gym_version"] = __version__
     if problem is not None and hasattr(problem, "describe"):
         run_info["problem"] = problem.describe()
-    atomic_write_text(out / "run.json", _dumps(run_info))
+    atomic_write_text(out / "run.json", dumps(run_info))
 
     if state is not None:
         agent.load_state_dict(state["agent"])
@@ -613,7 +587,7 @@ def _run(env, env_id, agent_name, episodes, seed, out, config, env_kwargs, agent
     if final_eval:
         result["final"] = _final(out, problem, best, final_images, final_n, final_n0,
                                  final_alpha, env_kwargs, progress)  # fmt: skip
-    atomic_write_text(out / "search.json", _dumps(result))
+    atomic_write_text(out / "search.json", dumps(result))
     return result
 
 
@@ -652,7 +626,7 @@ def _write_policy(path: Path, best: Mapping[str, Any], layers, problem, env_id: 
     from arq_gym.policy import POLICY_FORMAT, Policy, save_policy
 
     if not best["w_bits"]:
-        atomic_write_text(path, _dumps({"format": POLICY_FORMAT, "env_id": env_id,
+        atomic_write_text(path, dumps({"format": POLICY_FORMAT, "env_id": env_id,
                                         "layers": [], "metrics": metrics}))  # fmt: skip
         return
     policy = Policy(tuple(best["w_bits"]), tuple(best["a_bits"]))
@@ -669,7 +643,7 @@ def _write_policy(path: Path, best: Mapping[str, Any], layers, problem, env_id: 
                "layers": [{"name": f"layer{i}", "w_bits": w, "a_bits": a, "macs": 0}
                           for i, (w, a) in enumerate(zip(policy.w_bits, policy.a_bits))],
                "bops_fraction": best["bops_fraction"], "metrics": metrics}  # fmt: skip
-        atomic_write_text(path, _dumps(doc))
+        atomic_write_text(path, dumps(doc))
 
 
 def _final(out: Path, problem, best, images, n, n0, alpha, env_kwargs, progress) -> dict:
@@ -686,7 +660,7 @@ def _final(out: Path, problem, best, images, n, n0, alpha, env_kwargs, progress)
                 return _final_summary(doc)
     if problem is None:
         doc = {"skipped": "the env exposes no quantization problem (env.unwrapped.problem)"}
-        atomic_write_text(path, _dumps(doc))
+        atomic_write_text(path, dumps(doc))
         return doc
     doc = final_evaluation(problem, best["w_bits"], best["a_bits"], images=images, n=n, n0=n0,
                            alpha=alpha, data_dir=env_kwargs.get("data_dir"),
@@ -694,7 +668,7 @@ def _final(out: Path, problem, best, images, n, n0, alpha, env_kwargs, progress)
                            out=out)  # fmt: skip
     doc["search_reward"] = best["reward"]
     doc["search_episode"] = best["episode"]
-    atomic_write_text(path, _dumps(doc))
+    atomic_write_text(path, dumps(doc))
     return _final_summary(doc)
 
 

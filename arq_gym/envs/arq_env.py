@@ -165,6 +165,10 @@ class ARQEnv(gym.Env):
       (default; 100 validation images, n = 10,000, n_p = 500) or ``"paper"`` (500 test images,
       n = 100,000, n_p = 10,000); explicit overrides ``images``, ``n``, ``n_p``, ``alpha``.
     - ``device``: ``"auto"`` (default; CUDA when available), ``"cpu"`` or ``"cuda"``.
+    - ``backend``: how the quantized network runs: ``"auto"`` (default; int8 integer
+      convolutions under torch.compile on a CPU that has them, else float32 fake
+      quantization), ``"int8-compiled"``, ``"int8"`` or ``"reference"`` (see
+      :class:`~arq_gym.problem.QuantizationProblem`).
     - ``data_dir``: where the dataset is (default: ``$ARQ_GYM_DATA``, then the user cache).
     - ``cache_dir``: folder for the certification cache of the FP32 network and a persistent
       evaluation cache shared by processes (default: the user cache, evaluations in memory).
@@ -206,6 +210,7 @@ class ARQEnv(gym.Env):
         n_p: int | None = None,
         alpha: float | None = None,
         device: str = "auto",
+        backend: str = "auto",
         data_dir: str | os.PathLike | None = None,
         cache_dir: str | os.PathLike | None = None,
         checkpoint: str | os.PathLike | None = None,
@@ -231,7 +236,7 @@ class ARQEnv(gym.Env):
                 model=model, dataset=dataset, sigma=sigma, checkpoint=checkpoint, budget=budget,
                 bits=bits, keep_first_last=keep_first_last, budget_mode=budget_mode,
                 fidelity=fidelity, images=images, n=n, n_p=n_p, alpha=alpha, device=device,
-                data_dir=data_dir, cache_dir=cache_dir, seed=noise_seed,
+                data_dir=data_dir, cache_dir=cache_dir, seed=noise_seed, backend=backend,
             )  # fmt: skip
         elif not isinstance(problem, QuantizationProblem):
             raise ValueError(f"problem must be a QuantizationProblem, got {type(problem).__name__}")

@@ -6,7 +6,7 @@ import datetime
 import json
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +72,35 @@ class Certificate:
 
     def __len__(self) -> int:
         return len(self.label)
+
+    def to_dict(self) -> dict:
+        """Every field, arrays as lists (JSON-ready; :meth:`from_dict` inverts it)."""
+        return {
+            f.name: (v.tolist() if isinstance(v, np.ndarray) else v)
+            for f in fields(self)
+            for v in [getattr(self, f.name)]
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Certificate:
+        """The certificate :meth:`to_dict` described."""
+        return cls(**data)
+
+    @classmethod
+    def concatenate(cls, parts: Iterable[Certificate]) -> Certificate:
+        """One certificate of the images of ``parts``, in order (they must share sigma and
+        alpha); forward passes and seconds add up, ``meta`` is the first part's."""
+        parts = list(parts)
+        if not parts:
+            raise ValueError("nothing to concatenate")
+        if len({(p.sigma, p.alpha) for p in parts}) != 1:
+            raise ValueError("certificates with different sigma or alpha cannot be concatenated")
+        arrays = {name: np.concatenate([getattr(p, name) for p in parts])
+                  for name in ("idx", "label", "predict", "radius", "correct", "pa_lower", "zeta",
+                               "time")}  # fmt: skip
+        return cls(**arrays, sigma=parts[0].sigma, alpha=parts[0].alpha,
+                   forward_passes=sum(p.forward_passes for p in parts),
+                   seconds=sum(p.seconds for p in parts), meta=dict(parts[0].meta))  # fmt: skip
 
     @property
     def clean_accuracy(self) -> float:

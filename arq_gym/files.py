@@ -1,0 +1,48 @@
+"""Small file helpers shared by the package: atomic writes and JSON with numpy values."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+__all__ = ["atomic_write_bytes", "atomic_write_text", "dumps", "json_default"]
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and
+    ``os.replace``: readers see the old file or the new one, never half of one. The parent
+    folder is created if needed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Text (UTF-8) version of :func:`atomic_write_bytes`."""
+    atomic_write_bytes(path, text.encode())
+
+
+def json_default(o: Any) -> Any:
+    """``json.dumps`` fallback: numpy scalars and arrays become Python values, paths strings."""
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+
+
+def dumps(obj: Any) -> str:
+    """Indented JSON with a final newline (numpy values and paths allowed)."""
+    return json.dumps(obj, indent=2, default=json_default) + "\n"

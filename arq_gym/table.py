@@ -1,0 +1,399 @@
+"""The paper-style results table: the FP32 network, uniform bit-widths and searched policies,
+every row certified the same way on the same test images.
+
+:func:`results_table` is what ``arq-gym table`` runs. Each searched row runs
+:func:`arq_gym.search.search` at the env's fidelity (validation images); then every row's
+network is certified with full CERTIFY (Cohen et al.; not IRS) on ``images`` evenly spaced
+*test* images, which the searches never saw. Layout of the output folder::
+
+    table.json            settings and the command that made the table
+    searches/<row>/       one search per searched row (episodes.csv, best_policy.json, tb/, ...)
+    cache/                the persistent evaluation cache the searches share
+    certs/<row>.json      the row's certificate (summary, per-image arrays, policy, function)
+    certs/<row>.tsv       per-image table in the layout of Cohen et al.
+    certs/<row>.parts/    finished chunks of a certification still in progress
+    table.md, table.csv   the table; results.json: everything in one object
+
+Everything is resumable: searches checkpoint every episode, certifications every ``chunk``
+images (the noise of image ``i`` depends on ``i`` only, so chunking changes nothing), and a
+rerun with ``resume=True`` skips what is finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime
+import io
+import json
+import os
+import platform
+import shutil
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from arq_gym.files import atomic_write_text, dumps
+from arq_gym.search import SearchError, search
+
+__all__ = ["STANDARD_ROWS", "Row", "parse_rows", "results_table"]
+
+TABLE_FORMAT = "arq-table/1"
+CERT_FORMAT = "arq-table-cert/1"
+RADII = ("0.25", "0.5", "0.75")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the table: the FP32 network, a uniform bit-width or a search."""
+
+    name: str
+    label: str
+    kind: str  # "fp32", "uniform" or "search"
+    bits: int | None = None
+    agent: str | None = None
+    reward: str | None = None
+
+
+STANDARD_ROWS = {
+    "fp32": Row("fp32", "FP32", "fp32"),
+    "w8a8": Row("w8a8", "uniform W8A8", "uniform", bits=8),
+    "w4a4": Row("w4a4", "uniform W4A4", "uniform", bits=4),
+    "haq": Row("haq", "HAQ-style search (reward clean_accuracy)", "search", agent="arq-ddpg",
+               reward="clean_accuracy"),  # fmt: skip
+    "arq": Row("arq", "ARQ search (reward acr)", "search", agent="arq-ddpg", reward="acr"),
+    "random": Row("random", "random search (reward acr)", "search", agent="random", reward="acr"),
+}
+DEFAULT_ROWS = ("fp32", "w8a8", "w4a4", "haq", "arq", "random")
+
+
+def parse_rows(names: str | Sequence[str]) -> list[Row]:
+    """Rows by name: the standard ones (``fp32, w8a8, w4a4, haq, arq, random``) or any agent
+    name (an ACR search by that agent, e.g. ``sb3-ppo``). ValueError for an unknown name."""
+    import agents as agents_mod
+
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    rows = []
+    for name in names:
+        if name in STANDARD_ROWS:
+            rows.append(STANDARD_ROWS[name])
+            continue
+        try:
+            agents_mod.get(name)
+        except Exception as exc:
+            raise SearchError(f"unknown row {name!r}: not one of {', '.join(STANDARD_ROWS)} and "
+                              f"not an agent ({str(exc).splitlines()[0]})") from None  # fmt: skip
+        rows.append(Row(name, f"{name} search (reward acr)", "search", agent=name, reward="acr"))
+    if not rows:
+        raise SearchError("no rows given")
+    if len({r.name for r in rows}) != len(rows):
+        raise SearchError("a row is named twice")
+    return rows
+
+
+def machine_description() -> dict:
+    """CPU model, cores, torch threads and versions (no paths, no host name)."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(Exception):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}  # fmt: skip
+
+
+# ---------------------------------------------------------------------- certification
+
+
+def _certify_chunked(net, x, y, idx, problem, settings: dict, parts_dir: Path, ident: dict,
+                     chunk: int, progress: bool, label: str):  # fmt: skip
+    """Full CERTIFY of ``net`` on the images, ``chunk`` at a time, each chunk saved."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from arq_gym.smoothing import Certificate, certify
+
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    parts = []
+    starts = range(0, len(y), chunk)
+    bar = tqdm(total=len(y), desc=f"certify {label}", unit="img", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True)  # fmt: skip
+    try:
+        for start in starts:
+            path = parts_dir / f"{start:06d}.json"
+            part = None
+            if path.is_file():
+                with contextlib.suppress(Exception):
+                    doc = json.loads(path.read_text())
+                    if doc.get("ident") == ident:
+                        part = Certificate.from_dict(doc["certificate"])
+            if part is None:
+                sl = slice(start, start + chunk)
+                with torch.inference_mode():
+                    part = certify(net, x[sl], y[sl], problem.sigma, n0=settings["n0"],
+                                   n=settings["n"], alpha=settings["alpha"],
+                                   batch_size=problem.batch_size, seed=problem.seed,
+                                   image_keys=idx[sl], device=problem.device, progress=False,
+                                   num_classes=problem.num_classes)  # fmt: skip
+                atomic_write_text(path, dumps({"ident": ident, "certificate": part.to_dict()}))
+            parts.append(part)
+            bar.update(len(part))
+    finally:
+        bar.close()
+    return Certificate.concatenate(parts)
+
+
+def _certify_row(row: Row, policy, problem, data, settings: dict, out: Path, chunk: int,
+                 progress: bool) -> dict:  # fmt: skip
+    """The row's certificate document (computed, or read back when already finished)."""
+    from arq_gym.cost import bops_fraction
+
+    path = out / "certs" / f"{row.name}.json"
+    w_bits = None if policy is None else list(policy.w_bits)
+    a_bits = None if policy is None else list(policy.a_bits)
+    if policy is None:
+        net, function = problem.model, "fp32"
+    else:
+        problem.quantized.apply(policy)
+        net, function = problem.quantized, problem.function_id
+    ident = {"row": row.name, "w_bits": w_bits, "a_bits": a_bits, "function": function,
+             "checkpoint_sha256": problem.checkpoint_sha256, "sigma": problem.sigma,
+             "seed": problem.seed, **settings}  # fmt: skip
+    if path.is_file():
+        with contextlib.suppress(Exception):
+            doc = json.loads(path.read_text())
+            if doc.get("format") == CERT_FORMAT and doc.get("ident") == ident:
+                return doc
+    x, y, idx = data
+    cert = _certify_chunked(net, x, y, idx, problem, settings, out / "certs" / f"{row.name}.parts",
+                            ident, chunk, progress, row.name)  # fmt: skip
+    cert.to_tsv(out / "certs" / f"{row.name}.tsv")
+    frac = 1.0 if policy is None else float(bops_fraction(problem.layers, policy))
+    doc = {"format": CERT_FORMAT, "ident": ident, "row": row.name, "label": row.label,
+           "function": function, "w_bits": w_bits, "a_bits": a_bits, "bops_fraction": frac,
+           "summary": cert.summary(), "certificate": cert.to_dict()}  # fmt: skip
+    atomic_write_text(path, dumps(doc))
+    shutil.rmtree(out / "certs" / f"{row.name}.parts", ignore_errors=True)
+    return doc
+
+
+def _test_images(problem, images: int, data_dir):
+    import torch
+
+    from arq_gym import data as data_mod
+    from arq_gym.smoothing import evenly_spaced
+
+    test = data_mod.load(problem.dataset, data_dir=data_dir).test
+    if images > len(test):
+        raise SearchError(f"--images {images} exceeds the {len(test)} test images")
+    idx = evenly_spaced(len(test), images)
+    sub = test.subset(idx)
+    x = torch.from_numpy(np.ascontiguousarray(sub.x)).float().div_(255.0)
+    y = np.asarray(sub.y, dtype=np.int64)
+    return x, y, idx, len(test) // images
+
+
+# ---------------------------------------------------------------------- the table
+
+
+def _check_out(out: Path, settings: dict, resume: bool) -> None:
+    meta = out / "table.json"
+    if out.exists() and not out.is_dir():
+        raise SearchError(f"output path {out} exists and is not a folder")
+    if not resume:
+        if out.is_dir() and any(out.iterdir()):
+            raise SearchError(f"output dir {out} is not empty; pass --resume to continue the "
+                              "table it holds or choose an empty --out")  # fmt: skip
+        return
+    if not meta.is_file():
+        if out.is_dir() and any(out.iterdir()):
+            raise SearchError(f"output dir {out} holds files but no table (table.json)")
+        return
+    prev = json.loads(meta.read_text()).get("settings", {})
+    for key, value in settings.items():
+        if key != "rows" and prev.get(key) != value:
+            raise SearchError(f"output dir {out} holds a table with {key}={prev.get(key)!r}, "
+                              f"not {value!r}; choose another --out")  # fmt: skip
+
+
+def results_table(
+    env_id: str,
+    out: str | os.PathLike,
+    *,
+    rows: str | Sequence[str] = DEFAULT_ROWS,
+    episodes: int = 200,
+    seed: int = 0,
+    env_kwargs: Mapping[str, Any] | None = None,
+    agent_kwargs: Mapping[str, Any] | None = None,
+    images: int = 500,
+    n: int = 10_000,
+    n0: int = 100,
+    alpha: float = 0.001,
+    chunk: int = 25,
+    resume: bool = False,
+    progress: bool = True,
+    command: str | None = None,
+) -> dict:
+    """Build (or finish) the table in ``out``; returns ``results.json``'s content.
+
+    ``rows``: names for :func:`parse_rows`. ``env_kwargs`` configure every search and the
+    problem the rows are certified on (model, sigma, budget, fidelity, ...); a ``cache_dir``
+    inside ``out`` is used unless one is given. ``images``, ``n``, ``n0``, ``alpha``: the
+    certification of every row (full CERTIFY on evenly spaced test images). ``command``: the
+    command line recorded in the table. SearchError (one line) for bad input.
+    """
+    import gymnasium as gym
+
+    import arq_gym  # noqa: F401 - registers the envs
+    from arq_gym.policy import Policy
+
+    row_list = parse_rows(rows)
+    for name, v in (("episodes", episodes), ("images", images), ("n", n), ("n0", n0),
+                    ("chunk", chunk)):  # fmt: skip
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise SearchError(f"--{name} must be a positive integer, got {v!r}")
+    if not 0 < alpha < 0.5:
+        raise SearchError(f"--alpha must be in (0, 0.5), got {alpha!r}")
+    out = Path(out)
+    env_kwargs = dict(env_kwargs or {})
+    env_kwargs.setdefault("cache_dir", str(out / "cache"))
+    if "reward" in env_kwargs:
+        raise SearchError("the rows choose the reward; do not pass reward in --env-kwargs")
+    cert_settings = {"images": int(images), "n": int(n), "n0": int(n0), "alpha": float(alpha)}
+    settings = {"env_id": env_id, "episodes": int(episodes), "seed": int(seed),
+                "env_kwargs": {k: v for k, v in env_kwargs.items() if k != "cache_dir"},
+                "agent_kwargs": dict(agent_kwargs or {}), **cert_settings,
+                "rows": [r.name for r in row_list]}  # fmt: skip
+    settings = json.loads(dumps(settings))
+    _check_out(out, settings, resume)
+    created = not out.exists()  # the env may write its cache into out: undo that on bad input
+    try:
+        try:
+            env = gym.make(env_id, **env_kwargs)
+        except gym.error.Error as exc:
+            raise SearchError(f"cannot make env {env_id!r}: {str(exc).splitlines()[0]}") from None
+        except TypeError as exc:
+            raise SearchError(f"env {env_id!r}: {exc}") from None
+        problem = getattr(env.unwrapped, "problem", None)
+        env.close()
+        if problem is None:
+            raise SearchError(f"env {env_id!r} exposes no quantization problem")
+        *data, stride = _test_images(problem, images, env_kwargs.get("data_dir"))
+    except SearchError:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    out.mkdir(parents=True, exist_ok=True)
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    meta_path = out / "table.json"
+    if meta_path.is_file():
+        started = json.loads(meta_path.read_text()).get("started", started)
+    atomic_write_text(meta_path, dumps({"format": TABLE_FORMAT, "settings": settings,
+                                        "command": command, "started": started}))  # fmt: skip
+
+    results = []
+    for row in row_list:
+        search_doc = None
+        if row.kind == "fp32":
+            policy = None
+        elif row.kind == "uniform":
+            policy = Policy.uniform(problem.num_layers, row.bits, keep_first_last=problem.keep_first_last)
+        else:
+            search_doc = search(env_id, row.agent, episodes, seed, out / "searches" / row.name,
+                                env_kwargs={**env_kwargs, "reward": row.reward},
+                                agent_kwargs=agent_kwargs, resume=True, final_eval=False,
+                                progress=progress)  # fmt: skip
+            policy = Policy(tuple(search_doc["w_bits"]), tuple(search_doc["a_bits"]))
+        doc = _certify_row(row, policy, problem, data, cert_settings, out, chunk, progress)
+        results.append(_row_result(row, doc, search_doc))
+    return _write_table(out, settings, results, problem, command, started, stride)
+
+
+def _row_result(row: Row, doc: dict, search_doc: dict | None) -> dict:
+    s = doc["summary"]
+    res = {"row": row.name, "label": row.label, "function": doc["function"],
+           "clean_accuracy": s["clean_accuracy"], "acr": s["acr"],
+           **{f"certified_accuracy_{r}": s["certified_accuracy"][r] for r in RADII},
+           "bops_percent": 100.0 * doc["bops_fraction"], "w_bits": doc["w_bits"],
+           "a_bits": doc["a_bits"], "certify_seconds": s["seconds"],
+           "search_seconds": None, "search_reward": None, "search_episodes": None}  # fmt: skip
+    if search_doc is not None:
+        res |= {"search_seconds": search_doc["seconds"], "search_reward": search_doc["best_reward"],
+                "search_episodes": search_doc["episodes"], "agent": row.agent,
+                "reward_name": row.reward}  # fmt: skip
+    return res
+
+
+CSV_FIELDS = ["row", "label", "clean_accuracy", "certified_accuracy_0.25", "certified_accuracy_0.5",
+              "certified_accuracy_0.75", "acr", "bops_percent", "function", "search_reward",
+              "search_episodes", "search_seconds", "certify_seconds"]  # fmt: skip
+
+
+def _write_table(out: Path, settings: dict, results: list[dict], problem, command, started,
+                 stride: int) -> dict:  # fmt: skip
+    hours = sum((r["search_seconds"] or 0.0) + r["certify_seconds"] for r in results) / 3600
+    machine = machine_description()
+    fid = problem.fidelity
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    w.writerows(results)
+    atomic_write_text(out / "table.csv", buf.getvalue())
+
+    data_note = ("CIFAR-10 from its JPEG copy (lossy), so absolute figures are not those of the "
+                 "lossless data" if problem.dataset == "cifar10" else problem.dataset)  # fmt: skip
+    lines = [
+        f"# {problem.architecture} on {problem.dataset}, sigma {problem.sigma:g}: "
+        f"budget {100 * problem.budget:.4g}% of FP32 BOPs",
+        "",
+        f"Every row: full CERTIFY (Cohen et al.) on {settings['images']} test images (every "
+        f"{stride}th), n0 = {settings['n0']}, n = {settings['n']:,}, "
+        f"alpha = {settings['alpha']}, the same noise for every row. Searches ran "
+        f"{settings['episodes']} episodes (seed {settings['seed']}) on {fid.images} validation "
+        f"images at fidelity {fid.key!r} (IRS, n_p = {fid.n_p}); they never saw the test images.",
+        f"Data: {data_note}.",
+        "",
+        "| method | clean acc. | cert. acc. r=0.25 | r=0.5 | r=0.75 | ACR | BOPs (% of FP32) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['label']} | {100 * r['clean_accuracy']:.1f} | "
+            f"{100 * r['certified_accuracy_0.25']:.1f} | {100 * r['certified_accuracy_0.5']:.1f} | "
+            f"{100 * r['certified_accuracy_0.75']:.1f} | {r['acr']:.3f} | {r['bops_percent']:.2f} |"
+        )
+    lines += ["", "Bits (weights / activations) and what was certified:", ""]
+    for r in results:
+        bits = "float" if r["w_bits"] is None else (
+            f"w {','.join(map(str, r['w_bits']))} / a {','.join(map(str, r['a_bits']))}")  # fmt: skip
+        extra = "" if r["search_reward"] is None else (
+            f"; best search reward {r['search_reward']:.4f} after {r['search_episodes']} episodes")
+        lines.append(f"- {r['label']}: {bits}; function {r['function']}{extra}")
+    lines += [
+        "",
+        f"Command: `{command or 'arq_gym.table.results_table(...)'}`",
+        f"Started {started}; written {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; "
+        f"compute {hours:.2f} hours (searches + certification, summed over sessions).",
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} with "
+        f"{machine['torch_threads']} threads" + (f", GPU {machine['gpu']}" if machine["gpu"] else "")
+        + ".",
+        "",
+    ]
+    atomic_write_text(out / "table.md", "\n".join(lines))
+    result = {"format": TABLE_FORMAT, "settings": settings, "command": command,
+              "started": started, "hours": hours, "machine": machine,
+              "problem": {k: v for k, v in problem.describe().items() if k != "irs_cache"},
+              "rows": results, "table": str(out / "table.md")}  # fmt: skip
+    atomic_write_text(out / "results.json", dumps(result))
+    return result
+
+

@@ -1,0 +1,115 @@
+"""``arq-gym table``: the paper-style results table, chunked resumable certification, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from arq_gym import table as table_mod
+from arq_gym.cli import main
+from arq_gym.search import SearchError
+from arq_gym.smoothing import certify
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SMALL = dict(env_kwargs={"fidelity": "smoke"}, episodes=2, images=6, n=100, n0=10, chunk=4,
+             progress=False)  # fmt: skip
+
+
+def test_table_rows_columns_and_test_images(tmp_path, data_dir):
+    out = tmp_path / "table"
+    argv = ["table", "--env", "ARQ-LeNet5-v0", "--rows", "fp32,w4a4,arq,random", "--episodes", "2",
+            "--images", "6", "--n", "100", "--n0", "10", "--chunk", "4", "--out", str(out),
+            "--env-kwargs", "fidelity=smoke", f"data_dir={data_dir}", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert [r["row"] for r in res["rows"]] == ["fp32", "w4a4", "arq", "random"]
+    with open(out / "table.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == table_mod.CSV_FIELDS and len(rows) == 4
+    fp, w4 = res["rows"][0], res["rows"][1]
+    assert fp["bops_percent"] == 100.0 and fp["function"] == "fp32"
+    assert w4["bops_percent"] == pytest.approx(100 / 64)  # LeNet: every layer at 4 bits
+    assert res["rows"][2]["search_episodes"] == 2 and res["rows"][2]["reward_name"] == "acr"
+    md = (out / "table.md").read_text()
+    for text in ("| method | clean acc. | cert. acc. r=0.25 | r=0.5 | r=0.75 | ACR | BOPs",
+                 "| FP32 |", "| uniform W4A4 |", "| ARQ search (reward acr) |",
+                 "Command: `arq-gym table --env ARQ-LeNet5-v0", "Machine:", "6 test images"):
+        assert text in md, text
+    # certified on the test images every 10000 // 6-th, never on the validation subset
+    cert = json.loads((out / "certs" / "fp32.json").read_text())["certificate"]
+    assert cert["idx"] == [i * (10_000 // 6) for i in range(6)]
+    tsv = (out / "certs" / "w4a4.tsv").read_text().splitlines()
+    assert tsv[0] == "idx\tlabel\tpredict\tradius\tcorrect\ttime" and len(tsv) == 7
+    assert not (out / "certs" / "fp32.parts").exists()  # chunks are removed once a row is done
+
+
+def test_chunked_certification_equals_one_pass(tmp_path, data_dir):
+    import gymnasium as gym
+
+    env = gym.make("ARQ-LeNet5-v0", fidelity="smoke", data_dir=str(data_dir))
+    problem = env.unwrapped.problem
+    x, y, idx, _stride = table_mod._test_images(problem, 6, str(data_dir))
+    settings = {"images": 6, "n": 100, "n0": 10, "alpha": 0.001}
+    chunked = table_mod._certify_chunked(problem.model, x, y, idx, problem, settings,
+                                         tmp_path / "parts", {"k": 1}, 4, False, "fp32")  # fmt: skip
+    with torch.inference_mode():
+        whole = certify(problem.model, x, y, problem.sigma, n0=10, n=100, alpha=0.001,
+                        batch_size=problem.batch_size, seed=problem.seed, image_keys=idx,
+                        progress=False, num_classes=problem.num_classes)  # fmt: skip
+    for name in ("idx", "predict", "radius", "pa_lower"):
+        assert np.array_equal(getattr(chunked, name), getattr(whole, name)), name
+    assert chunked.forward_passes == whole.forward_passes
+    assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == ["000000.json", "000004.json"]
+
+
+def test_interrupted_table_resumes_without_repeating_work(tmp_path, data_dir, monkeypatch):
+    out = tmp_path / "table"
+    kw = dict(SMALL, env_kwargs={"fidelity": "smoke", "data_dir": str(data_dir)},
+              rows="fp32,random")  # fmt: skip
+    import arq_gym.smoothing as smoothing  # the table looks certify up there at run time
+
+    calls = []
+    original = smoothing.certify
+
+    def flaky(*args, **kwargs):
+        calls.append(len(args[2]))
+        if len(calls) == 4:  # fp32: 2 chunks; random: first chunk done, second interrupted
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(smoothing, "certify", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        table_mod.results_table("ARQ-LeNet5-v0", out, **kw)
+    assert (out / "certs" / "fp32.json").is_file() and not (out / "certs" / "random.json").exists()
+    assert len(list((out / "certs" / "random.parts").iterdir())) == 1
+    with pytest.raises(SearchError, match="pass --resume"):
+        table_mod.results_table("ARQ-LeNet5-v0", out, **kw)
+    calls.clear()
+    res = table_mod.results_table("ARQ-LeNet5-v0", out, resume=True, **kw)
+    assert calls == [2]  # only the unfinished chunk of the random row: 6 images, chunks of 4
+    assert [r["row"] for r in res["rows"]] == ["fp32", "random"]
+    state = json.loads((out / "searches" / "random" / "search.json").read_text())
+    assert state["episodes"] == 2  # the finished search was not run again
+    with pytest.raises(SearchError, match="episodes=2, not 3"):
+        table_mod.results_table("ARQ-LeNet5-v0", out, resume=True, **(kw | {"episodes": 3}))
+
+
+def test_bad_table_input_is_one_clear_error(tmp_path, data_dir):
+    kw = dict(SMALL, env_kwargs={"fidelity": "smoke", "data_dir": str(data_dir)})
+    with pytest.raises(SearchError, match="unknown row 'nope'"):
+        table_mod.results_table("ARQ-LeNet5-v0", tmp_path / "a", rows="fp32,nope", **SMALL)
+    with pytest.raises(SearchError, match="rows choose the reward"):
+        table_mod.results_table("ARQ-LeNet5-v0", tmp_path / "b",
+                                **(kw | {"env_kwargs": {"reward": "acr"}}))  # fmt: skip
+    with pytest.raises(SearchError, match="--images must be a positive integer"):
+        table_mod.results_table("ARQ-LeNet5-v0", tmp_path / "c", **(kw | {"images": 0}))
+    with pytest.raises(SearchError, match="exceeds the 10000 test images"):
+        table_mod.results_table("ARQ-LeNet5-v0", tmp_path / "d", rows="fp32",
+                                **(kw | {"images": 10_001}))  # fmt: skip
+    for name in "abcd":
+        assert not (tmp_path / name).exists(), name
