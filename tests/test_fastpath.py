@@ -158,23 +158,43 @@ def test_bad_backend_is_one_clear_error(resnet_q):
 
 
 @needs_int8
-@pytest.mark.slow
-def test_compiled_int8_agrees_and_does_not_recompile_per_policy(resnet_q):
+def test_compiled_int8_agrees_and_compiles_once_for_all_policies_and_batches(resnet_q):
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
-    qm = copy.deepcopy(resnet_q).set_backend("int8").apply(MIXED)
-    eager = copy.deepcopy(qm)
-    qm.compile()
+    qm = copy.deepcopy(resnet_q).set_backend("int8-compiled").apply(MIXED)
+    assert qm.compiled and qm.function_id == "int8-exact-sums-compiled"
+    eager = copy.deepcopy(resnet_q).set_backend("int8").apply(MIXED)
+    assert not eager.compiled and eager.function_id == "int8-exact-sums"
     x = torch.rand(64, 3, 32, 32) + 0.25 * torch.randn(64, 3, 32, 32)
+    qm.warm_up(x)
     with torch.inference_mode():
-        for pol in (MIXED, uniform_policy(qm.layers, 4), MIXED):
+        for pol, batch in ((MIXED, 64), (uniform_policy(qm.layers, 4), 64), (MIXED, 37)):
             qm.apply(pol)
             eager.apply(pol)
-            a, b = qm(x), eager(x)
+            xb = x[:batch].clone()
+            a, b = qm(xb), eager(xb)
             assert (a.argmax(1) == b.argmax(1)).float().mean() >= 0.95
+    # one graph for every policy within 2-8 bits and every batch size (dynamic batch dim)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+@needs_int8
+def test_warm_up_falls_back_to_eager_int8_when_compilation_fails(resnet_q, monkeypatch):
+    def broken_compile(model, **kwargs):
+        def run(x):
+            raise RuntimeError("no C++ compiler\nsecond line")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    qm = copy.deepcopy(resnet_q).set_backend("int8-compiled").apply(MIXED)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed .*no C\\+\\+ compiler"):
+        qm.warm_up(torch.rand(4, 3, 32, 32))
+    assert not qm.compiled and qm.function_id == "int8-exact-sums"
+    with torch.inference_mode():
+        assert qm(torch.rand(2, 3, 32, 32)).shape == (2, 10)
 
 
 def test_bench_speed_quick_json(tmp_path, capsys):

@@ -247,6 +247,27 @@ def test_persistent_cache_is_shared_through_files(lenet, tmp_path):
     assert info3["cache_hit"] is False and info3["acr"] == info["acr"]
 
 
+def test_backend_names_the_function_and_keys_the_evaluations(lenet, data_dir):
+    from arq_gym.quant import check_int8_kernel
+
+    ref = make_problem(**LENET, data_dir=data_dir, backend="reference")
+    assert ref is not lenet and ref.function_id == "fake-quant-fp32"
+    expected = "int8-exact-sums-compiled" if check_int8_kernel() else "fake-quant-fp32"
+    assert lenet.function_id == expected  # the default backend is "auto"
+    assert ref.describe()["function"] == "fake-quant-fp32"
+    policy = Policy.uniform(5, 4, None)
+    cert_ref, _ = ref.evaluate(policy)
+    cert_fast, _ = lenet.evaluate(policy)
+    assert cert_ref.meta["function"] == "fake-quant-fp32"
+    assert cert_fast.meta["function"] == lenet.function_id
+    if lenet.function_id != ref.function_id:  # different functions never share a cache entry
+        assert ref.eval_key() != lenet.eval_key()
+    # the same quantized network: the certificates agree on (nearly) every image
+    assert (cert_ref.predict == cert_fast.predict).mean() >= 0.9
+    with pytest.raises(ValueError, match="unknown backend 'int4'"):
+        make_problem(**LENET, data_dir=data_dir, backend="int4")
+
+
 def test_irs_cache_is_reused_not_rebuilt(lenet, data_dir):
     assert lenet.irs_cache_path.is_file()
     assert lenet.irs_cache.mismatches(lenet._irs_expected()) == []

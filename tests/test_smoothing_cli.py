@@ -118,6 +118,18 @@ def test_certify_uniform_bits_full_and_incremental(tmp_path, capsys, data_dir):
     assert rc == 0, err
     inc = json.loads(stdout.strip().splitlines()[-1])
     assert inc["mode"] == "incremental" and inc["bops_fraction"] == res["bops_fraction"]
+    assert res["function"] == inc["function"] and res["function"].startswith(("int8", "fake"))
+    # incremental against full certification of the same network at equal confidence
+    rc, stdout, err = _run(capsys, *common, "--incremental", "--n-p", "50", "--compare-full",
+                           "--cache-dir", str(tmp_path / "irs"))  # fmt: skip
+    assert rc == 0, err
+    cmp = json.loads(stdout.strip().splitlines()[-1])
+    assert cmp["full"]["alpha"] == pytest.approx(0.001 + 0.001) and cmp["full"]["n"] == 100
+    assert cmp["full"]["forward_passes"] == 4 * (10 + 100)  # n0 + n per image, from scratch
+    assert cmp["speedup"] == pytest.approx(cmp["full"]["seconds"] / cmp["seconds"])
+    assert cmp["acr"] == inc["acr"]  # the incremental result itself is unchanged
+    rc, _out, err = _run(capsys, *common, "--compare-full")
+    assert rc == 2 and "add --incremental" in err
     rc, _out, err = _run(capsys, *BASE, "--data-dir", str(data_dir), "--uniform", "1")
     assert rc == 2 and "bits" in err
 
