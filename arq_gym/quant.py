@@ -324,26 +324,28 @@ def int8_kernels_available() -> bool:
 
 
 #: live int8 layers by key, read by the ``arq_gym::int8_conv`` op (keeps compiled graphs
-#: independent of the policy: the op looks up the current packed weights at run time)
+#: independent of the policy: the op looks up the current packed weights at run time). The key
+#: reaches the op as a tensor, not an int: torch.compile treats int module attributes as
+#: constants, so an int key would compile one graph per model copy (and fall back to eager
+#: after ``recompile_limit`` copies); a tensor key lets every copy share one graph.
 _INT8_LAYERS: weakref.WeakValueDictionary[int, Int8Conv2d] = weakref.WeakValueDictionary()
 _INT8_NEXT_KEY = [0]
 
 
 @torch.library.custom_op("arq_gym::int8_conv", mutates_args=())
-def _int8_conv_op(codes: torch.Tensor, key: int) -> torch.Tensor:
-    """oneDNN u8 x s8 convolution of activation codes with layer ``key``'s current weights."""
-    return _INT8_LAYERS[key].conv_codes(codes)
+def _int8_conv_op(codes: torch.Tensor, key: torch.Tensor, geometry: list[int]) -> torch.Tensor:
+    """oneDNN u8 x s8 convolution of activation codes with layer ``key``'s current weights
+    (``geometry``: out_channels, kernel, stride, padding, dilation; for shape inference)."""
+    return _INT8_LAYERS[int(key)].conv_codes(codes)
 
 
 @_int8_conv_op.register_fake
-def _int8_conv_fake(codes: torch.Tensor, key: int) -> torch.Tensor:
-    layer = _INT8_LAYERS[key]
+def _int8_conv_fake(codes: torch.Tensor, key: torch.Tensor, geometry: list[int]) -> torch.Tensor:
     n, _c, h, w = codes.shape
-    (kh, kw), (sh, sw) = layer.kernel, layer.stride
-    (ph, pw), (dh, dw) = layer.padding, layer.dilation
+    out_channels, kh, kw, sh, sw, ph, pw, dh, dw = geometry
     oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    return codes.new_empty((n, layer.out_channels, oh, ow), dtype=torch.float32).contiguous(
+    return codes.new_empty((n, out_channels, oh, ow), dtype=torch.float32).contiguous(
         memory_format=torch.channels_last
     )
 
@@ -384,9 +386,12 @@ class Int8Conv2d(nn.Module):
         self.register_buffer("qmax", torch.zeros(()), persistent=False)
         self.active = False
         self.bits = (FLOAT_BITS, FLOAT_BITS)
+        (kh, kw), (ph, pw) = self.kernel, self.padding
+        self.geometry = [self.out_channels, kh, kw, *self.stride, ph, pw, *self.dilation]
         self.key = _INT8_NEXT_KEY[0]
         _INT8_NEXT_KEY[0] += 1
         _INT8_LAYERS[self.key] = self
+        self.register_buffer("key_t", torch.tensor(self.key), persistent=False)
 
     def __deepcopy__(self, memo: dict) -> Int8Conv2d:
         # a copy gets its own key (the op looks layers up by key) and its own packed weights
@@ -397,6 +402,7 @@ class Int8Conv2d(nn.Module):
         new.key = _INT8_NEXT_KEY[0]
         _INT8_NEXT_KEY[0] += 1
         _INT8_LAYERS[new.key] = new
+        new.key_t = torch.tensor(new.key)
         new.packed = None
         if new.active:
             new.refresh(*new.bits)
@@ -442,7 +448,7 @@ class Int8Conv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.active:
             return self.conv(x)
-        return _int8_conv_op(self.codes(x), self.key)
+        return _int8_conv_op(self.codes(x), self.key_t, self.geometry)
 
 
 _INT8_KERNEL_OK: bool | None = None

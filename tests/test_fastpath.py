@@ -176,7 +176,17 @@ def test_compiled_int8_agrees_and_compiles_once_for_all_policies_and_batches(res
             xb = x[:batch].clone()
             a, b = qm(xb), eager(xb)
             assert (a.argmax(1) == b.argmax(1)).float().mean() >= 0.95
-    # one graph for every policy within 2-8 bits and every batch size (dynamic batch dim)
+    # another copy of the model, another policy: its own weights, through the same graph
+    other = copy.deepcopy(resnet_q).set_backend("int8-compiled").apply(uniform_policy(qm.layers, 3))
+    other_eager = copy.deepcopy(resnet_q).set_backend("int8").apply(uniform_policy(qm.layers, 3))
+    qm.apply(MIXED)
+    with torch.inference_mode():
+        xb = x.clone()
+        a, b, c = other(xb), other_eager(xb), qm(xb)
+    assert (a.argmax(1) == b.argmax(1)).float().mean() >= 0.95
+    assert not torch.allclose(a, c)  # not the first copy's weights
+    # one graph for every policy within 2-8 bits, every batch size (dynamic batch dim) and
+    # every copy of the model (the layer key is a tensor, not a compile-time constant)
     assert counters["stats"]["unique_graphs"] == 1
 
 
