@@ -10,6 +10,9 @@ Everything is measured in one run so that ratios are meaningful on a busy machin
   fake quantization, NCHW), ``fp32-channels_last``, ``int8`` (exact integer convolutions,
   eager) and ``int8-compiled`` (the same under ``torch.compile``); paths are timed in
   interleaved rounds and the median round is kept;
+* where the fastest int8 path spends its time (``time_breakdown``: the share inside the oneDNN
+  int8 convolution kernel, and that kernel's own throughput as a fraction of the int8 GEMM
+  peak; the rest is the memory-bound quantize / batch-norm / residual / ReLU work);
 * agreement of the fast paths with the reference on noisy samples (top-1 class per sample);
 * the time to certify one policy with IRS at fidelity "search" through the fastest path, the
   same through the reference path, and the naive baseline at equal confidence: full CERTIFY of
@@ -112,6 +115,24 @@ def gemm_peaks(size: int = 2048, reps: int = 3) -> dict:
         for k in best:
             best[k] = max(best[k], flops / _time(ops[k]) / 1e9)
     return {f"{k}_gflops": round(v, 2) for k, v in best.items()}
+
+
+def time_breakdown(qm, batch: torch.Tensor, rounds: int = 3) -> dict:
+    """Where the forward time of ``qm`` goes (``torch.profiler``, ``rounds`` passes of
+    ``batch``): the share spent inside the oneDNN int8 convolution kernel and its seconds per
+    pass; the rest is the quantization, batch norm, residual and ReLU work around it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode():
+        qm(batch)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(rounds):
+                qm(batch)
+    events = prof.key_averages()
+    conv_us = sum(e.self_cpu_time_total for e in events if e.key == "onednn::qconv2d_pointwise")
+    total_us = sum(e.self_cpu_time_total for e in events)
+    return {"int8_conv_share": conv_us / total_us if total_us else 0.0,
+            "int8_conv_seconds_per_batch": conv_us / 1e6 / rounds}  # fmt: skip
 
 
 def _noisy_batches(images: torch.Tensor, sigma: float, batch: int, count: int, seed: int):
@@ -354,6 +375,17 @@ def run_bench(cfg: BenchConfig, checkpoint: str | None = None, data_dir=None,
     best_q = max(sps, key=lambda p: sps[p].get("w4a4", 0.0))
     best_rate = max(sps[best_q].get("w4a4", 0.0), sps[best_q].get("mixed", 0.0))
     best_limit = limits.get(arith[best_q], limits.get("fp32"))
+    breakdown = None
+    if arith[best_q] == "int8" and "int8_gflops" in peaks:
+        say(f"time breakdown of {best_q}")
+        qm = paths[best_q].apply(w4a4)
+        breakdown = time_breakdown(qm, batches[0]) | {"path": best_q, "policy": "w4a4",
+                                                      "batch": len(batches[0])}  # fmt: skip
+        conv_flops = 2 * sum(lay.macs for lay in layers if lay.kind == "conv") * len(batches[0])
+        sec = breakdown["int8_conv_seconds_per_batch"]
+        # the kernels alone, against the same GEMM peak: how close the convolutions get
+        breakdown["int8_conv_limit_fraction"] = (
+            round(conv_flops / sec / (peaks["int8_gflops"] * 1e9), 4) if sec else None)  # fmt: skip
     return {
         "model": model_desc,
         "checkpoint_sha256": meta.get("sha256", ""),
@@ -372,6 +404,7 @@ def run_bench(cfg: BenchConfig, checkpoint: str | None = None, data_dir=None,
         "fastest_path": fastest,
         "limit_path": best_q,
         "limit_fraction": round(best_rate / best_limit, 4) if best_limit else None,
+        "time_breakdown": breakdown,
         "fidelity": {
             "images": cfg.images,
             "fp_n": cfg.fp_n,
