@@ -9,6 +9,7 @@ first) and the network is certified incrementally with ``--n-p`` samples per ima
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from pathlib import Path
 
@@ -79,7 +80,13 @@ def _add_certify(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--rebuild-cache", action="store_true", help="rebuild the IRS cache even if it fits"
     )
-    p.add_argument("--out", default=None, help="write the per-image TSV here (and a .json summary)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="write the per-image TSV here (and a .json summary); a full certification is also "
+        "saved every --chunk images in OUT.parts/, and rerunning the same command resumes it",
+    )
+    p.add_argument("--chunk", type=int, default=25, help="images per saved chunk (default 25)")
     p.add_argument("--batch-size", type=int, default=400, help="noisy samples per forward pass")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
@@ -156,6 +163,8 @@ def _quantize(args, model, sigma: float, splits, device):
 def _check_args(args) -> None:
     if args.images < 1:
         raise CLIError(f"--images must be >= 1, got {args.images}")
+    if args.chunk < 1:
+        raise CLIError(f"--chunk must be >= 1, got {args.chunk}")
     if args.n < 1 or args.n0 < 1:
         raise CLIError("--n and --n0 must be >= 1")
     if args.n0 > args.n:
@@ -192,6 +201,7 @@ def cmd_certify(args) -> dict:
     from arq_gym.smoothing import (
         build_irs_cache,
         certify,
+        certify_chunked,
         certify_incremental,
         evenly_spaced,
         find_irs_cache,
@@ -240,21 +250,20 @@ def cmd_certify(args) -> dict:
     }
 
     if not args.incremental:
-        cert = certify(
-            net,
-            images,
-            labels,
-            sigma,
-            n0=args.n0,
-            n=args.n,
-            alpha=args.alpha,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            image_keys=idx,
-            device=device,
-            progress=progress,
-            noise_device=args.noise_device,
-        )
+        common = dict(n0=args.n0, n=args.n, alpha=args.alpha, batch_size=args.batch_size,
+                      seed=args.seed, image_keys=idx, device=device, progress=progress,
+                      noise_device=args.noise_device)  # fmt: skip
+        if args.out:  # saved every --chunk images beside the output; a rerun resumes
+            policy = getattr(net, "policy", None)
+            ident = {"checkpoint_sha256": meta["sha256"], "function": result["function"],
+                     "w_bits": None if policy is None else list(policy.w_bits),
+                     "a_bits": None if policy is None else list(policy.a_bits),
+                     "calib_images": args.calib_images, "split": args.split, "sigma": sigma,
+                     "n0": args.n0, "n": args.n, "alpha": args.alpha, "seed": args.seed}  # fmt: skip
+            cert = certify_chunked(net, images, labels, sigma, parts_dir=f"{args.out}.parts",
+                                   ident=ident, chunk=args.chunk, **common)  # fmt: skip
+        else:
+            cert = certify(net, images, labels, sigma, **common)
         result["mode"] = "full"
     else:
         from arq_gym.data import user_cache_dir
@@ -346,4 +355,5 @@ def cmd_certify(args) -> dict:
         }
         cert.to_json(out.with_suffix(".json"), **extra)
         result["out"] = str(out)
+        shutil.rmtree(f"{args.out}.parts", ignore_errors=True)
     return result

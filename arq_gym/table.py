@@ -12,6 +12,7 @@ network is certified with full CERTIFY (Cohen et al.; not IRS) on ``images`` eve
     certs/<row>.json      the row's certificate (summary, per-image arrays, policy, function)
     certs/<row>.tsv       per-image table in the layout of Cohen et al.
     certs/<row>.parts/    finished chunks of a certification still in progress
+                          (:func:`arq_gym.smoothing.certify_chunked`)
     table.md, table.csv   the table; results.json: everything in one object
 
 Everything is resumable: searches checkpoint every episode, certifications every ``chunk``
@@ -29,7 +30,6 @@ import json
 import os
 import platform
 import shutil
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,48 +114,11 @@ def machine_description() -> dict:
 # ---------------------------------------------------------------------- certification
 
 
-def _certify_chunked(net, x, y, idx, problem, settings: dict, parts_dir: Path, ident: dict,
-                     chunk: int, progress: bool, label: str):  # fmt: skip
-    """Full CERTIFY of ``net`` on the images, ``chunk`` at a time, each chunk saved."""
-    import torch
-    from tqdm.auto import tqdm
-
-    from arq_gym.smoothing import Certificate, certify
-
-    parts_dir.mkdir(parents=True, exist_ok=True)
-    parts = []
-    starts = range(0, len(y), chunk)
-    bar = tqdm(total=len(y), desc=f"certify {label}", unit="img", disable=not progress,
-               file=sys.stderr, dynamic_ncols=True)  # fmt: skip
-    try:
-        for start in starts:
-            path = parts_dir / f"{start:06d}.json"
-            part = None
-            if path.is_file():
-                with contextlib.suppress(Exception):
-                    doc = json.loads(path.read_text())
-                    if doc.get("ident") == ident:
-                        part = Certificate.from_dict(doc["certificate"])
-            if part is None:
-                sl = slice(start, start + chunk)
-                with torch.inference_mode():
-                    part = certify(net, x[sl], y[sl], problem.sigma, n0=settings["n0"],
-                                   n=settings["n"], alpha=settings["alpha"],
-                                   batch_size=problem.batch_size, seed=problem.seed,
-                                   image_keys=idx[sl], device=problem.device, progress=False,
-                                   num_classes=problem.num_classes)  # fmt: skip
-                atomic_write_text(path, dumps({"ident": ident, "certificate": part.to_dict()}))
-            parts.append(part)
-            bar.update(len(part))
-    finally:
-        bar.close()
-    return Certificate.concatenate(parts)
-
-
 def _certify_row(row: Row, policy, problem, data, settings: dict, out: Path, chunk: int,
                  progress: bool) -> dict:  # fmt: skip
     """The row's certificate document (computed, or read back when already finished)."""
     from arq_gym.cost import bops_fraction
+    from arq_gym.smoothing import certify_chunked
 
     path = out / "certs" / f"{row.name}.json"
     w_bits = None if policy is None else list(policy.w_bits)
@@ -174,8 +137,12 @@ def _certify_row(row: Row, policy, problem, data, settings: dict, out: Path, chu
             if doc.get("format") == CERT_FORMAT and doc.get("ident") == ident:
                 return doc
     x, y, idx = data
-    cert = _certify_chunked(net, x, y, idx, problem, settings, out / "certs" / f"{row.name}.parts",
-                            ident, chunk, progress, row.name)  # fmt: skip
+    cert = certify_chunked(net, x, y, problem.sigma, parts_dir=out / "certs" / f"{row.name}.parts",
+                           ident=ident, chunk=chunk, image_keys=idx, progress=progress,
+                           desc=f"certify {row.name}", n0=settings["n0"], n=settings["n"],
+                           alpha=settings["alpha"], batch_size=problem.batch_size,
+                           seed=problem.seed, device=problem.device,
+                           num_classes=problem.num_classes)  # fmt: skip
     cert.to_tsv(out / "certs" / f"{row.name}.tsv")
     frac = 1.0 if policy is None else float(bops_fraction(problem.layers, policy))
     doc = {"format": CERT_FORMAT, "ident": ident, "row": row.name, "label": row.label,

@@ -62,6 +62,44 @@ def test_certify_full_writes_tsv_and_json(tmp_path, capsys, data_dir):
     assert json.loads(out.with_suffix(".json").read_text())["acr"] == pytest.approx(res["acr"])
 
 
+def test_interrupted_full_certification_resumes_from_saved_chunks(tmp_path, capsys, data_dir,
+                                                                   monkeypatch):  # fmt: skip
+    import arq_gym.smoothing.chunked as chunked
+
+    out = tmp_path / "fp.tsv"
+    argv = [*BASE, "--data-dir", str(data_dir), "--out", str(out), "--chunk", "1"]
+    rc, stdout, _ = _run(capsys, *argv)
+    assert rc == 0 and not (tmp_path / "fp.tsv.parts").exists()  # removed once complete
+    reference = json.loads(stdout.strip().splitlines()[-1])
+    out.unlink()
+    calls, original, stop_at = [], chunked.certify, [3]
+
+    def interrupted(*args, **kwargs):
+        calls.append(kwargs["image_keys"].tolist())
+        if len(calls) == stop_at[0]:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(chunked, "certify", interrupted)
+    rc, _out, _err = _run(capsys, *argv)
+    assert rc == 130 and len(list((tmp_path / "fp.tsv.parts").iterdir())) == 2
+    # another setting does not reuse the saved chunks of this one
+    calls.clear()
+    stop_at[0] = 0
+    rc, _out, _err = _run(capsys, *argv, "--seed", "1")
+    assert rc == 0 and len(calls) == 4
+    # interrupted again, then resumed: only the images not yet certified are certified
+    calls.clear()
+    stop_at[0] = 3
+    assert _run(capsys, *argv)[0] == 130
+    calls.clear()
+    stop_at[0] = 0
+    rc, stdout, _ = _run(capsys, *argv)
+    assert rc == 0 and calls == [[5000], [7500]]
+    res = json.loads(stdout.strip().splitlines()[-1])
+    assert res["acr"] == reference["acr"] and res["forward_passes"] == reference["forward_passes"]
+
+
 def test_certify_incremental_builds_then_reuses_cache(tmp_path, capsys, data_dir):
     args = [
         *BASE,

@@ -51,16 +51,17 @@ def test_table_rows_columns_and_test_images(tmp_path, data_dir):
 def test_chunked_certification_equals_one_pass(tmp_path, data_dir):
     import gymnasium as gym
 
+    from arq_gym.smoothing import certify_chunked
+
     env = gym.make("ARQ-LeNet5-v0", fidelity="smoke", data_dir=str(data_dir))
     problem = env.unwrapped.problem
     x, y, idx, _stride = table_mod._test_images(problem, 6, str(data_dir))
-    settings = {"images": 6, "n": 100, "n0": 10, "alpha": 0.001}
-    chunked = table_mod._certify_chunked(problem.model, x, y, idx, problem, settings,
-                                         tmp_path / "parts", {"k": 1}, 4, False, "fp32")  # fmt: skip
+    kw = dict(n0=10, n=100, alpha=0.001, batch_size=problem.batch_size, seed=problem.seed,
+              num_classes=problem.num_classes)  # fmt: skip
+    chunked = certify_chunked(problem.model, x, y, problem.sigma, parts_dir=tmp_path / "parts",
+                              ident={"k": 1}, chunk=4, image_keys=idx, progress=False, **kw)
     with torch.inference_mode():
-        whole = certify(problem.model, x, y, problem.sigma, n0=10, n=100, alpha=0.001,
-                        batch_size=problem.batch_size, seed=problem.seed, image_keys=idx,
-                        progress=False, num_classes=problem.num_classes)  # fmt: skip
+        whole = certify(problem.model, x, y, problem.sigma, image_keys=idx, progress=False, **kw)
     for name in ("idx", "predict", "radius", "pa_lower"):
         assert np.array_equal(getattr(chunked, name), getattr(whole, name)), name
     assert chunked.forward_passes == whole.forward_passes
@@ -71,7 +72,7 @@ def test_interrupted_table_resumes_without_repeating_work(tmp_path, data_dir, mo
     out = tmp_path / "table"
     kw = dict(SMALL, env_kwargs={"fidelity": "smoke", "data_dir": str(data_dir)},
               rows="fp32,random")  # fmt: skip
-    import arq_gym.smoothing as smoothing  # the table looks certify up there at run time
+    import arq_gym.smoothing.chunked as smoothing  # where the chunks call certify
 
     calls = []
     original = smoothing.certify

@@ -2,7 +2,8 @@
 smoothing (Ugare et al. 2024).
 
 - :class:`NoiseSource`: seeded Gaussian noise, identical whatever the batch size.
-- :func:`certify`, :func:`predict`: CERTIFY and PREDICT for any torch classifier.
+- :func:`certify`, :func:`predict`: CERTIFY and PREDICT for any torch classifier;
+  :func:`certify_chunked`: the same, saved chunk by chunk so that a long run can resume.
 - :func:`lower_confidence_bound`, :func:`upper_confidence_bound`: exact one-sided
   Clopper-Pearson bounds (scipy).
 - :class:`IRSCache`, :func:`build_irs_cache`, :func:`load_or_build_irs_cache`,
@@ -19,6 +20,7 @@ import numpy as np
 from arq_gym.smoothing.bounds import lower_confidence_bound, upper_confidence_bound
 from arq_gym.smoothing.certificate import DEFAULT_RADII, Certificate, radius_key
 from arq_gym.smoothing.certify import certify, predict, radius_from_bound, resolve_device
+from arq_gym.smoothing.chunked import certify_chunked
 from arq_gym.smoothing.incremental import (
     CACHE_FORMAT,
     IRSCache,
@@ -49,6 +51,7 @@ __all__ = [
     "NoiseSource",
     "build_irs_cache",
     "certify",
+    "certify_chunked",
     "certify_incremental",
     "evenly_spaced",
     "find_irs_cache",
