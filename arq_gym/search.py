@@ -371,6 +371,21 @@ def _check_out(out: Path, resume: bool) -> dict | None:
     return prev
 
 
+def make_env(env_id: str, env_kwargs: Mapping[str, Any]):
+    """``gym.make(env_id, **env_kwargs)``; SearchError (one line) for an unknown id or a bad
+    keyword argument."""
+    import gymnasium as gym
+
+    import arq_gym  # noqa: F401 - registers the envs
+
+    try:
+        return gym.make(env_id, **env_kwargs)
+    except gym.error.Error as exc:
+        raise SearchError(f"cannot make env {env_id!r}: {str(exc).splitlines()[0]}") from None
+    except TypeError as exc:
+        raise SearchError(f"env {env_id!r}: {exc}") from None
+
+
 def _normalise(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=json_default))
 
@@ -405,7 +420,6 @@ def search(
     env id or agent, an agent that cannot drive the env's action space, an output folder that
     holds another run without ``resume`` or a different run with it. Nothing is written then.
     """
-    import gymnasium as gym
 
     import agents as agents_mod
     import arq_gym  # noqa: F401 - registers the envs
@@ -434,12 +448,7 @@ def search(
             raise SearchError(f"output dir {out} holds a run with {k}={prev.get(k)!r}, not "
                               f"{config[k]!r}; choose another --out")  # fmt: skip
 
-    try:
-        env = gym.make(env_id, **env_kwargs)
-    except gym.error.Error as exc:
-        raise SearchError(f"cannot make env {env_id!r}: {str(exc).splitlines()[0]}") from None
-    except TypeError as exc:
-        raise SearchError(f"env {env_id!r}: {exc}") from None
+    env = make_env(env_id, env_kwargs)
     try:
         return _run(env, env_id, agent, int(episodes), int(seed), out, config, env_kwargs,
                     agent_kwargs, final_eval, final_images, final_n, final_n0, final_alpha,

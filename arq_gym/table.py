@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from arq_gym.files import atomic_write_text, dumps
-from arq_gym.search import SearchError, search
+from arq_gym.search import SearchError, make_env, search
 
 __all__ = ["STANDARD_ROWS", "Row", "parse_rows", "results_table"]
 
@@ -218,9 +218,6 @@ def results_table(
     certification of every row (full CERTIFY on evenly spaced test images). ``command``: the
     command line recorded in the table. SearchError (one line) for bad input.
     """
-    import gymnasium as gym
-
-    import arq_gym  # noqa: F401 - registers the envs
     from arq_gym.policy import Policy
 
     row_list = parse_rows(rows)
@@ -244,12 +241,7 @@ def results_table(
     _check_out(out, settings, resume)
     created = not out.exists()  # the env may write its cache into out: undo that on bad input
     try:
-        try:
-            env = gym.make(env_id, **env_kwargs)
-        except gym.error.Error as exc:
-            raise SearchError(f"cannot make env {env_id!r}: {str(exc).splitlines()[0]}") from None
-        except TypeError as exc:
-            raise SearchError(f"env {env_id!r}: {exc}") from None
+        env = make_env(env_id, env_kwargs)
         problem = getattr(env.unwrapped, "problem", None)
         env.close()
         if problem is None:
