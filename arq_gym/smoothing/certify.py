@@ -273,23 +273,8 @@ class _CertifyRun:
     kept: list[np.ndarray | None]
 
 
-def _certify_run(
-    model,
-    images,
-    labels,
-    sigma,
-    n0,
-    n,
-    alpha,
-    batch_size,
-    seed,
-    image_keys,
-    device,
-    progress,
-    num_classes,
-    keep,
-    noise_device,
-) -> _CertifyRun:
+def _certify_run(model, images, labels, sigma, *, n0, n, alpha, batch_size, seed, image_keys,
+                 device, progress, num_classes, keep, noise_device) -> _CertifyRun:  # fmt: skip
     check_params(sigma, alpha, n0, n, batch_size)
     sigma, alpha, n0, n = float(sigma), float(alpha), int(n0), int(n)
     images, labels = check_images(images, labels)
@@ -383,23 +368,10 @@ def certify(
         progress: show a tqdm progress bar.
         num_classes: expected number of logits (checked; default: taken from the model).
     """
-    return _certify_run(
-        model,
-        images,
-        labels,
-        sigma,
-        n0,
-        n,
-        alpha,
-        batch_size,
-        seed,
-        image_keys,
-        device,
-        progress,
-        num_classes,
-        0,
-        noise_device,
-    ).cert
+    return _certify_run(model, images, labels, sigma, n0=n0, n=n, alpha=alpha,
+                        batch_size=batch_size, seed=seed, image_keys=image_keys, device=device,
+                        progress=progress, num_classes=num_classes, keep=0,
+                        noise_device=noise_device).cert  # fmt: skip
 
 
 def predict(

@@ -252,23 +252,10 @@ def build_irs_cache(
     n_p_max = int(n) if n_p_max is None else int(n_p_max)
     if not 1 <= n_p_max <= int(n):
         raise ValueError(f"n_p_max must be in [1, n={n}], got {n_p_max}")
-    run = _certify_run(
-        model,
-        images,
-        labels,
-        sigma,
-        n0,
-        n,
-        alpha,
-        batch_size,
-        seed,
-        image_keys,
-        device,
-        progress,
-        num_classes,
-        n_p_max,
-        noise_device,
-    )
+    run = _certify_run(model, images, labels, sigma, n0=n0, n=n, alpha=alpha,
+                       batch_size=batch_size, seed=seed, image_keys=image_keys, device=device,
+                       progress=progress, num_classes=num_classes, keep=n_p_max,
+                       noise_device=noise_device)  # fmt: skip
     cert = run.cert
     noise = NoiseSource(sigma, seed, device=noise_device or "cpu")
     meta = {
