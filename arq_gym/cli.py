@@ -172,6 +172,7 @@ def _load_commands() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by long-running commands
     _add, fn, _help = COMMANDS[args.command]
     try:
         result = fn(args)

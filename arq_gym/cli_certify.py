@@ -9,6 +9,7 @@ first) and the network is certified incrementally with ``--n-p`` samples per ima
 from __future__ import annotations
 
 import argparse
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -247,6 +248,7 @@ def cmd_certify(args) -> dict:
         "seed": args.seed,
         "device": str(device),
         "function": getattr(net, "function_id", "fp32"),
+        "command": "arq-gym " + shlex.join(getattr(args, "argv", [])),
     }
 
     if not args.incremental:
