@@ -244,7 +244,6 @@ class QuantizationProblem:
             self.quantized = QuantizedModel(self.model, calib, self.sigma, seed=0)
             self.quantized.to(self.device).eval()
             self.quantized.set_backend(backend if self.device.type == "cpu" else "reference")
-            self.quantized.warmed_up = False
             with _MEMO_LOCK:
                 _QUANTIZED[qkey] = self.quantized
 
@@ -479,7 +478,6 @@ class QuantizationProblem:
         self.quantized.apply(policy)
         batch = self.images[:1].expand(min(self.batch_size, 64), *self.images.shape[1:])
         self.quantized.warm_up(batch.to(self.device))
-        self.quantized.warmed_up = True
 
     def _eval_path(self, policy: Policy) -> Path | None:
         if self.cache_dir is None:

@@ -777,7 +777,9 @@ class QuantizedModel(nn.Module):
     def warm_up(self, sample: torch.Tensor) -> QuantizedModel:
         """Run one forward pass on ``sample`` (a batch of the size that will be used) so that a
         compiled graph is built now; if compilation fails, warn and continue eagerly (the
-        :attr:`function_id` then says so). Returns ``self``."""
+        :attr:`function_id` then says so). Returns ``self``; :attr:`warmed_up` is then true
+        until the next :meth:`compile`."""
+        object.__setattr__(self, "_warmed_up", True)
         if not self.compiled:
             return self
         try:
@@ -821,7 +823,14 @@ class QuantizedModel(nn.Module):
         eager PyTorch, so this is a measured-agreement path like the int8 backend itself.
         """
         object.__setattr__(self, "_compiled", torch.compile(self.model, **kwargs))
+        object.__setattr__(self, "_warmed_up", False)
         return self
+
+    @property
+    def warmed_up(self) -> bool:
+        """Whether :meth:`warm_up` has run since the last :meth:`compile` (always true when
+        eager: there is nothing to build)."""
+        return not self.compiled or getattr(self, "_warmed_up", False)
 
     def uncompile(self) -> QuantizedModel:
         """Back to eager execution; returns ``self``."""

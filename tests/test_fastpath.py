@@ -168,7 +168,9 @@ def test_compiled_int8_agrees_and_compiles_once_for_all_policies_and_batches(res
     eager = copy.deepcopy(resnet_q).set_backend("int8").apply(MIXED)
     assert not eager.compiled and eager.function_id == "int8-exact-sums"
     x = torch.rand(64, 3, 32, 32) + 0.25 * torch.randn(64, 3, 32, 32)
+    assert eager.warmed_up and not qm.warmed_up  # eager: nothing to build
     qm.warm_up(x)
+    assert qm.warmed_up
     with torch.inference_mode():
         for pol, batch in ((MIXED, 64), (uniform_policy(qm.layers, 4), 64), (MIXED, 37)):
             qm.apply(pol)
@@ -202,7 +204,10 @@ def test_warm_up_falls_back_to_eager_int8_when_compilation_fails(resnet_q, monke
     qm = copy.deepcopy(resnet_q).set_backend("int8-compiled").apply(MIXED)
     with pytest.warns(RuntimeWarning, match="torch.compile failed .*no C\\+\\+ compiler"):
         qm.warm_up(torch.rand(4, 3, 32, 32))
-    assert not qm.compiled and qm.function_id == "int8-exact-sums"
+    assert not qm.compiled and qm.function_id == "int8-exact-sums" and qm.warmed_up
+    qm.compile(dynamic=True)
+    assert not qm.warmed_up  # a new graph to build
+    qm.uncompile()
     with torch.inference_mode():
         assert qm(torch.rand(2, 3, 32, 32)).shape == (2, 10)
 
