@@ -293,13 +293,17 @@ def _row_result(row: Row, doc: dict, search_doc: dict | None) -> dict:
 
 
 CSV_FIELDS = ["row", "label", "clean_accuracy", "certified_accuracy_0.25", "certified_accuracy_0.5",
-              "certified_accuracy_0.75", "acr", "bops_percent", "function", "search_reward",
+              "certified_accuracy_0.75", "acr", "acr_percent_of_fp32", "bops_percent", "function",
+              "search_reward",
               "search_episodes", "search_seconds", "certify_seconds"]  # fmt: skip
 
 
 def _write_table(out: Path, settings: dict, results: list[dict], problem, command, started,
                  stride: int) -> dict:  # fmt: skip
     hours = sum((r["search_seconds"] or 0.0) + r["certify_seconds"] for r in results) / 3600
+    fp_acr = next((r["acr"] for r in results if r["row"] == "fp32"), None)
+    for r in results:  # how much of the FP32 network's certified robustness each row keeps
+        r["acr_percent_of_fp32"] = 100.0 * r["acr"] / fp_acr if fp_acr else None
     machine = machine_description()
     fid = problem.fidelity
     buf = io.StringIO()
@@ -321,14 +325,17 @@ def _write_table(out: Path, settings: dict, results: list[dict], problem, comman
         f"images at fidelity {fid.key!r} (IRS, n_p = {fid.n_p}); they never saw the test images.",
         f"Data: {data_note}.",
         "",
-        "| method | clean acc. | cert. acc. r=0.25 | r=0.5 | r=0.75 | ACR | BOPs (% of FP32) |",
-        "|---|---|---|---|---|---|---|",
+        "| method | clean acc. | cert. acc. r=0.25 | r=0.5 | r=0.75 | ACR | ACR (% of FP32) "
+        "| BOPs (% of FP32) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        keep = "" if r["acr_percent_of_fp32"] is None else f"{r['acr_percent_of_fp32']:.1f}"
         lines.append(
             f"| {r['label']} | {100 * r['clean_accuracy']:.1f} | "
             f"{100 * r['certified_accuracy_0.25']:.1f} | {100 * r['certified_accuracy_0.5']:.1f} | "
-            f"{100 * r['certified_accuracy_0.75']:.1f} | {r['acr']:.3f} | {r['bops_percent']:.2f} |"
+            f"{100 * r['certified_accuracy_0.75']:.1f} | {r['acr']:.3f} | {keep} | "
+            f"{r['bops_percent']:.2f} |"
         )
     lines += ["", "Bits (weights / activations) and what was certified:", ""]
     for r in results:

@@ -33,10 +33,12 @@ def test_table_rows_columns_and_test_images(tmp_path, data_dir):
     assert list(rows[0]) == table_mod.CSV_FIELDS and len(rows) == 4
     fp, w4 = res["rows"][0], res["rows"][1]
     assert fp["bops_percent"] == 100.0 and fp["function"] == "fp32"
+    assert fp["acr_percent_of_fp32"] == 100.0
+    assert w4["acr_percent_of_fp32"] == pytest.approx(100 * w4["acr"] / fp["acr"])
     assert w4["bops_percent"] == pytest.approx(100 / 64)  # LeNet: every layer at 4 bits
     assert res["rows"][2]["search_episodes"] == 2 and res["rows"][2]["reward_name"] == "acr"
     md = (out / "table.md").read_text()
-    for text in ("| method | clean acc. | cert. acc. r=0.25 | r=0.5 | r=0.75 | ACR | BOPs",
+    for text in ("| method | clean acc. | cert. acc. r=0.25 | r=0.5 | r=0.75 | ACR | ACR (% of FP32) | BOPs",
                  "| FP32 |", "| uniform W4A4 |", "| ARQ search (reward acr) |",
                  "Command: `arq-gym table --env ARQ-LeNet5-v0", "Machine:", "6 test images"):
         assert text in md, text
