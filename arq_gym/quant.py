@@ -246,7 +246,11 @@ class ActivationQuantizer(nn.Module):
         self.signed = bool(signed)
         self.ranges = {int(b): float(r) for b, r in ranges.items()}
         self.bits = FLOAT_BITS
+        self.enabled = False  # a bool, not the bits: torch.compile guards on it, not on bits
         self.qmin, self.qmax = 0, 0
+        # the clamp bounds as tensors too, so that a compiled graph serves every bit-width
+        self.register_buffer("qlo", torch.zeros(()), persistent=False)
+        self.register_buffer("qhi", torch.zeros(()), persistent=False)
         self.register_buffer("scale", torch.ones(()), persistent=False)
         self.register_buffer("inv_scale", torch.ones(()), persistent=False)
         self.register_buffer("zero_point", torch.zeros((), dtype=torch.int32), persistent=False)
@@ -254,9 +258,12 @@ class ActivationQuantizer(nn.Module):
     def set_bits(self, bits: int) -> None:
         """Use ``bits`` from now on (32 = pass through)."""
         self.bits = int(bits)
-        if self.bits == FLOAT_BITS:
+        self.enabled = self.bits != FLOAT_BITS
+        if not self.enabled:
             return
         self.qmin, self.qmax = activation_qrange(self.bits, self.signed)
+        self.qlo.fill_(self.qmin)
+        self.qhi.fill_(self.qmax)
         r = max(self.ranges[self.bits], 1e-8)
         self.scale.fill_(r / self.qmax)
         # float32 reciprocal, as torch's fake-quantize kernel computes it (1.0f / scale)
@@ -268,19 +275,19 @@ class ActivationQuantizer(nn.Module):
         Clamping before rounding gives the same integers (``qmin``/``qmax`` are integers and
         rounding is monotone); ``torch.round`` rounds half to even like ``std::nearbyint``.
         """
-        return (x * self.inv_scale).clamp_(self.qmin, self.qmax).round_()
+        return torch.clamp(x * self.inv_scale, self.qlo, self.qhi).round_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Fake-quantized ``x``; bit-identical to ``torch.fake_quantize_per_tensor_affine(x,
         scale, 0, qmin, qmax)`` (tested) but written as multiply/clamp/round/multiply, which is
         vectorised on CPU where torch's fake-quantize kernel is not."""
-        if self.bits == FLOAT_BITS:
+        if not self.enabled:
             return x
         return self.quantize(x).mul_(self.scale)
 
     def pre_hook(self, module: nn.Module, args: tuple) -> tuple | None:
         """Forward pre-hook: quantize the first positional input of ``module``."""
-        if self.bits == FLOAT_BITS:
+        if not self.enabled:
             return None
         return (self.forward(args[0]), *args[1:])
 

@@ -44,6 +44,24 @@ def test_activation_quantizer_bit_identical_to_torch_fake_quantize(signed, bits)
     assert torch.equal(codes, codes.round())
 
 
+def test_activation_quantizer_compiles_once_for_every_bit_width():
+    """Bits live in buffers: a compiled graph serves 2-8 bits (LeNet's linear layers run the
+    quantizer inside the compiled graph); only switching to float builds another."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    aq = ActivationQuantizer(False, {b: 0.37 * b for b in range(2, 9)})
+    fn = torch.compile(lambda t: aq(t), dynamic=False)
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(0))
+    for bits in (4, 5, 2, 8):
+        aq.set_bits(bits)
+        assert torch.equal(fn(x), aq(x))
+    assert counters["stats"]["unique_graphs"] == 1
+    aq.set_bits(32)
+    assert torch.equal(fn(x), x)
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("per_channel", [True, False])
 def test_weight_integers_reproduce_fake_quantized_weight(bits, per_channel):
