@@ -389,8 +389,6 @@ class Int8Conv2d(nn.Module):
         self.dilation = list(conv.dilation)
         self.groups = int(conv.groups)
         self.x_zp = 128 if act.signed else 0
-        self.register_buffer("qmin", torch.zeros(()), persistent=False)
-        self.register_buffer("qmax", torch.zeros(()), persistent=False)
         self.active = False
         self.bits = (FLOAT_BITS, FLOAT_BITS)
         (kh, kw), (ph, pw) = self.kernel, self.padding
@@ -425,8 +423,6 @@ class Int8Conv2d(nn.Module):
             return
         q, w_scale = weight_integers(self.conv.weight, w_bits, self.per_channel)
         self.x_scale = float(self.act.scale)
-        self.qmin.fill_(self.act.qmin)
-        self.qmax.fill_(self.act.qmax)
         self.w_scale = w_scale
         self.w_zp = torch.zeros(q.shape[0], dtype=torch.int64)
         self.bias_fp = None if self.conv.bias is None else self.conv.bias.detach().float()
@@ -436,10 +432,9 @@ class Int8Conv2d(nn.Module):
         )  # fmt: skip
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 channels_last activation codes ``q + zero point`` (same ``q`` as the
-        reference quantizer: multiply by the float32 reciprocal scale, clamp, round half to
-        even; clamp bounds as tensors so a compiled graph does not depend on the bits)."""
-        q = torch.clamp(x * self.act.inv_scale, self.qmin, self.qmax).round_()
+        """uint8 channels_last activation codes ``q + zero point``, ``q`` from the reference
+        quantizer itself (:meth:`ActivationQuantizer.quantize`)."""
+        q = self.act.quantize(x)
         if self.x_zp:
             q = q + self.x_zp
         return q.to(torch.uint8, memory_format=torch.channels_last)

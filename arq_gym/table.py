@@ -294,8 +294,7 @@ def _row_result(row: Row, doc: dict, search_doc: dict | None) -> dict:
 
 CSV_FIELDS = ["row", "label", "clean_accuracy", "certified_accuracy_0.25", "certified_accuracy_0.5",
               "certified_accuracy_0.75", "acr", "acr_percent_of_fp32", "bops_percent", "function",
-              "search_reward",
-              "search_episodes", "search_seconds", "certify_seconds"]  # fmt: skip
+              "search_reward", "search_episodes", "search_seconds", "certify_seconds"]  # fmt: skip
 
 
 def _write_table(out: Path, settings: dict, results: list[dict], problem, command, started,
