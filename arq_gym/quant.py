@@ -68,7 +68,11 @@ Execution backends (``QuantizedModel(..., backend=...)`` or :meth:`QuantizedMode
     rounding of some activation, rarely a flipped class); ``arq-gym bench-speed`` measures the
     agreement. :meth:`QuantizedModel.compile` adds ``torch.compile`` (fuses the quantization,
     batch norm and ReLUs around the integer convolutions; compiled once, reused by every
-    policy). :attr:`QuantizedModel.function_id` names the function computed.
+    policy). In a CIFAR ResNet block whose two convolutions are both int8, the first one's batch
+    norm, ReLU and the second one's activation quantizer are folded into the oneDNN call, which
+    writes the uint8 codes directly (:class:`FoldedInt8Block`; the same integer sums, a
+    differently rounded float epilogue). :attr:`QuantizedModel.function_id` names the function
+    computed.
 """
 
 from __future__ import annotations
@@ -83,6 +87,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from arq_gym.models.architectures import BasicBlock
 from arq_gym.policy import FLOAT_BITS, MAX_BITS, MIN_BITS, Policy
 
 CALIBRATION_RULES = ("max", "percentile", "mse")
@@ -346,15 +351,34 @@ def _int8_conv_op(codes: torch.Tensor, key: torch.Tensor, geometry: list[int]) -
     return _INT8_LAYERS[int(key)].conv_codes(codes)
 
 
-@_int8_conv_op.register_fake
-def _int8_conv_fake(codes: torch.Tensor, key: torch.Tensor, geometry: list[int]) -> torch.Tensor:
+@torch.library.custom_op("arq_gym::int8_conv_folded", mutates_args=())
+def _int8_conv_folded_op(codes: torch.Tensor, key: torch.Tensor, geometry: list[int]
+                         ) -> torch.Tensor:  # fmt: skip
+    """The same convolution with the following batch norm, ReLU and the next layer's activation
+    quantizer folded in (:meth:`Int8Conv2d.fold`): uint8 codes for the next layer."""
+    return _INT8_LAYERS[int(key)].conv_codes_folded(codes)
+
+
+def _conv_output_like(codes: torch.Tensor, geometry: list[int], dtype: torch.dtype
+                      ) -> torch.Tensor:  # fmt: skip
     n, _c, h, w = codes.shape
     out_channels, kh, kw, sh, sw, ph, pw, dh, dw = geometry
     oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    return codes.new_empty((n, out_channels, oh, ow), dtype=torch.float32).contiguous(
+    return codes.new_empty((n, out_channels, oh, ow), dtype=dtype).contiguous(
         memory_format=torch.channels_last
     )
+
+
+@_int8_conv_op.register_fake
+def _int8_conv_fake(codes: torch.Tensor, key: torch.Tensor, geometry: list[int]) -> torch.Tensor:
+    return _conv_output_like(codes, geometry, torch.float32)
+
+
+@_int8_conv_folded_op.register_fake
+def _int8_conv_folded_fake(codes: torch.Tensor, key: torch.Tensor, geometry: list[int]
+                           ) -> torch.Tensor:  # fmt: skip
+    return _conv_output_like(codes, geometry, torch.uint8)
 
 
 class Int8Conv2d(nn.Module):
@@ -390,6 +414,11 @@ class Int8Conv2d(nn.Module):
         self.groups = int(conv.groups)
         self.x_zp = 128 if act.signed else 0
         self.active = False
+        self.packed = None
+        self.q_weight: torch.Tensor | None = None
+        # (batch norm, next activation quantizer) folded into a second packing, and that packing
+        self.fold_with: tuple[nn.BatchNorm2d, ActivationQuantizer] | None = None
+        self.folded: tuple | None = None
         self.bits = (FLOAT_BITS, FLOAT_BITS)
         (kh, kw), (ph, pw) = self.kernel, self.padding
         self.geometry = [self.out_channels, kh, kw, *self.stride, ph, pw, *self.dilation]
@@ -402,15 +431,18 @@ class Int8Conv2d(nn.Module):
         # a copy gets its own key (the op looks layers up by key) and its own packed weights
         new = type(self).__new__(type(self))
         memo[id(self)] = new
-        state = {k: v for k, v in self.__dict__.items() if k != "packed"}
+        state = {k: v for k, v in self.__dict__.items() if k not in ("packed", "folded")}
         new.__dict__.update(copy.deepcopy(state, memo))
         new.key = _INT8_NEXT_KEY[0]
         _INT8_NEXT_KEY[0] += 1
         _INT8_LAYERS[new.key] = new
         new.key_t = torch.tensor(new.key)
-        new.packed = None
+        new.packed = new.folded = None
         if new.active:
+            fold_with = new.fold_with
             new.refresh(*new.bits)
+            if fold_with is not None:
+                new.fold(*fold_with)
         return new
 
     def refresh(self, w_bits: int, a_bits: int) -> None:
@@ -418,10 +450,12 @@ class Int8Conv2d(nn.Module):
         current bits; ``w_bits``/``a_bits`` are the layer's bits (32 = float)."""
         self.bits = (int(w_bits), int(a_bits))
         self.active = FLOAT_BITS not in self.bits
+        self.folded = self.fold_with = None
         if not self.active:
-            self.packed = None
+            self.packed = self.q_weight = None
             return
         q, w_scale = weight_integers(self.conv.weight, w_bits, self.per_channel)
+        self.q_weight = q
         self.x_scale = float(self.act.scale)
         self.w_scale = w_scale
         self.w_zp = torch.zeros(q.shape[0], dtype=torch.int64)
@@ -447,10 +481,66 @@ class Int8Conv2d(nn.Module):
             [], "",
         )  # fmt: skip
 
+    def fold(self, bn: nn.BatchNorm2d, next_act: ActivationQuantizer) -> None:
+        """Also pack ``codes -> next_act's codes of relu(bn(conv))`` as one oneDNN call.
+
+        Eval-mode batch norm is a per-channel affine map ``g * y + h``, so it folds into the
+        per-channel output scale (``s_a * s_w[c] * g[c]``; where ``g[c] < 0`` the integer
+        weights change sign, exactly) and the bias; ReLU and the next quantizer's clamp become a
+        clip to ``[0, qmax * s]`` and oneDNN rounds ``y / s`` to the nearest integer (ties to
+        even) and writes uint8. The integer sums are the same as :meth:`conv_codes`'s; only
+        the float epilogue is rounded differently, so this is a measured-agreement path like
+        the rest of the int8 backend. Needs unsigned ``next_act`` with at most 8 bits.
+        """
+        if not self.active or next_act.signed or not next_act.enabled:
+            raise ValueError("fold needs an active int8 layer and an unsigned next quantizer")
+        with torch.no_grad():
+            g = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).float()
+            shift = (bn.bias - bn.running_mean * g).float()
+            if self.bias_fp is not None:
+                shift = shift + g * self.bias_fp
+            sign = torch.where(g < 0, -1, 1).to(torch.int8).view(-1, 1, 1, 1)
+            scale = (self.w_scale * g.abs()).contiguous()
+            packed = torch.ops.onednn.qconv_prepack(
+                (self.q_weight * sign).contiguous(memory_format=torch.channels_last), scale,
+                self.x_scale, self.x_zp, self.stride, self.padding, self.dilation, self.groups,
+                None,
+            )  # fmt: skip
+        out_scale = float(next_act.scale)
+        self.fold_with = (bn, next_act)
+        self.fold_bits = (self.bits, next_act.bits)
+        self.folded = (packed, scale, shift.contiguous(), out_scale, next_act.qmax * out_scale)
+
+    def conv_codes_folded(self, codes: torch.Tensor) -> torch.Tensor:
+        """The folded convolution (:meth:`fold`): uint8 codes of the next layer."""
+        packed, scale, shift, out_scale, hi = self.folded
+        return torch.ops.onednn.qconv2d_pointwise(
+            codes, self.x_scale, self.x_zp, packed, scale, self.w_zp, shift, self.stride,
+            self.padding, self.dilation, self.groups, out_scale, 0, None, "hardtanh", [0.0, hi],
+            "",
+        )  # fmt: skip
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.active:
             return self.conv(x)
         return _int8_conv_op(self.codes(x), self.key_t, self.geometry)
+
+
+class FoldedInt8Block(nn.Module):
+    """A CIFAR ResNet :class:`~arq_gym.models.architectures.BasicBlock` whose two convolutions
+    both run in int8: the first writes the second's uint8 codes directly
+    (:meth:`Int8Conv2d.fold`), so its float output never goes to memory. Installed by the int8
+    backend in place of the block; ``block`` is the original (its convs are the int8 layers)."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.block
+        codes = _int8_conv_folded_op(b.conv1.codes(x), b.conv1.key_t, b.conv1.geometry)
+        out = b.bn2(_int8_conv_op(codes, b.conv2.key_t, b.conv2.geometry))
+        return nn.functional.relu(out + b.shortcut(x))
 
 
 _INT8_KERNEL_OK: bool | None = None
@@ -630,6 +720,12 @@ class QuantizedModel(nn.Module):
         self.last_apply_seconds = 0.0
         self._parents = [self._parent_of(layer.name) for layer in self.layers]
         self._int8: list[Int8Conv2d | None] = [None] * n
+        # ResNet basic blocks: (parent, attribute, block, its folded int8 form)
+        self._blocks = [
+            (*self._parent_of(name), m, FoldedInt8Block(m))
+            for name, m in self.model.named_modules()
+            if isinstance(m, BasicBlock)
+        ]
         object.__setattr__(self, "_compiled", None)
         self.backend = "reference"
         self.set_backend(backend)
@@ -738,6 +834,15 @@ class QuantizedModel(nn.Module):
             if slot.bits != (self._w_now[i], self._a_now[i]):
                 slot.refresh(self._w_now[i], self._a_now[i])
             setattr(parent, attr, slot)
+        for parent, attr, block, folded in self._blocks:
+            c1, c2 = block.conv1, block.conv2
+            ok = (
+                isinstance(c1, Int8Conv2d) and c1.active
+                and isinstance(c2, Int8Conv2d) and c2.active and not c2.act.signed
+            )  # fmt: skip
+            if ok and (c1.folded is None or c1.fold_bits != (c1.bits, c2.act.bits)):
+                c1.fold(block.bn1, c2.act)
+            setattr(parent, attr, folded if ok else block)
 
     def set_backend(self, backend: str) -> QuantizedModel:
         """Choose how quantized layers execute; returns ``self``.
@@ -746,7 +851,8 @@ class QuantizedModel(nn.Module):
           the fake-quantized weights), the definition of the quantized network.
         * ``"int8"``: every conv layer with weights and activations of at most 8 bits runs as
           :class:`Int8Conv2d` (exact integer sums, oneDNN, CPU only); float layers and linear
-          layers stay as in the reference. It agrees with the reference up to float rounding
+          layers stay as in the reference; ResNet blocks with both convolutions in int8 run as
+          :class:`FoldedInt8Block`. It agrees with the reference up to float rounding
           (bench-speed reports the measured agreement). ValueError where the kernel is
           unavailable or inexact on this CPU (:func:`check_int8_kernel`) or the model is not
           on the CPU.
@@ -799,11 +905,14 @@ class QuantizedModel(nn.Module):
     def function_id(self) -> str:
         """Names the function this model computes: ``"fake-quant-fp32"`` (reference),
         ``"int8-exact-sums"`` (int8 backend; same quantized network, integer dot products summed
-        exactly instead of in float32) or ``"int8-exact-sums-compiled"`` (the same, with the
-        float operations around the convolutions fused by ``torch.compile``)."""
+        exactly instead of in float32), ``"int8-exact-sums-folded"`` (the same for a model with
+        ResNet basic blocks, whose first convolution's epilogue is folded into the integer
+        convolution: :class:`FoldedInt8Block`), each with ``"-compiled"`` appended when the float
+        operations around the convolutions are fused by ``torch.compile``."""
         if self.backend != "int8":
             return "fake-quant-fp32"
-        return "int8-exact-sums-compiled" if self.compiled else "int8-exact-sums"
+        name = "int8-exact-sums-folded" if self._blocks else "int8-exact-sums"
+        return name + "-compiled" if self.compiled else name
 
     def _apply(self, fn, *args, **kwargs):  # called by .to(), .cuda(), .float(), ...
         out = super()._apply(fn, *args, **kwargs)

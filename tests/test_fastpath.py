@@ -13,6 +13,7 @@ from arq_gym.models import build
 from arq_gym.policy import Policy
 from arq_gym.quant import (
     ActivationQuantizer,
+    FoldedInt8Block,
     Int8Conv2d,
     QuantizedModel,
     check_int8_kernel,
@@ -104,6 +105,43 @@ def test_int8_conv_sums_exactly(signed):
     assert torch.allclose(ref.double(), exact, rtol=1e-5, atol=1e-4)
 
 
+@needs_int8
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_folded_int8_conv_writes_the_next_layers_codes(bits):
+    """Int8Conv2d.fold: codes of relu(bn(conv)) for the next quantizer, from one oneDNN call.
+    The integer sums are exact; only the float epilogue's rounding differs from the reference
+    (batch norm, ReLU, then the quantizer), so a code may move by one at a rounding boundary,
+    and rarely. Negative batch-norm gains (weights that change sign) are included."""
+    gen = torch.Generator().manual_seed(bits)
+    conv = nn.Conv2d(16, 24, 3, stride=1, padding=1, bias=False)
+    bn = nn.BatchNorm2d(24).eval()
+    with torch.no_grad():
+        bn.weight.copy_(torch.randn(24, generator=gen))  # about half negative
+        bn.bias.copy_(torch.randn(24, generator=gen))
+        bn.running_mean.copy_(torch.randn(24, generator=gen))
+        bn.running_var.copy_(torch.rand(24, generator=gen) + 0.5)
+        conv.weight.copy_(quantize_weight(conv.weight, bits))
+    aq = ActivationQuantizer(False, {b: 3.0 for b in range(2, 9)})
+    aq.set_bits(bits)
+    nxt = ActivationQuantizer(False, {b: 2.0 for b in range(2, 9)})
+    nxt.set_bits(bits)
+    layer = Int8Conv2d(conv, aq)
+    layer.refresh(bits, bits)
+    layer.fold(bn, nxt)
+    assert (bn.weight < 0).any()
+    x = (torch.randn(8, 16, 10, 10, generator=gen) * 2.0).abs()
+    codes = layer.codes(x)
+    with torch.inference_mode():
+        out = layer.conv_codes_folded(codes)
+        expected = nxt.quantize(torch.relu(bn(layer.conv_codes(codes))))
+    assert out.dtype == torch.uint8 and out.shape == expected.shape
+    diff = (out.float() - expected).abs()
+    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 1e-3
+    assert int(out.max()) <= nxt.qmax and int(out.max()) > 0  # clipped to the next bits
+    with pytest.raises(ValueError, match="unsigned next quantizer"):
+        layer.fold(bn, ActivationQuantizer(True, {b: 2.0 for b in range(2, 9)}))
+
+
 @pytest.fixture(scope="module")
 def resnet_q():
     torch.manual_seed(0)
@@ -126,7 +164,9 @@ def test_int8_backend_agrees_with_reference(resnet_q, policy):
     pol = uniform_policy(resnet_q.layers, 4) if policy == "w4a4" else MIXED
     ref_model = copy.deepcopy(resnet_q).apply(pol)
     fast = copy.deepcopy(resnet_q).set_backend("int8").apply(pol)
-    assert fast.backend == "int8" and fast.function_id == "int8-exact-sums"
+    assert fast.backend == "int8" and fast.function_id == "int8-exact-sums-folded"
+    # every basic block has both convs in int8, so all nine are folded
+    assert sum(isinstance(m, FoldedInt8Block) for m in fast.model.modules()) == 9
     assert ref_model.function_id == "fake-quant-fp32"
     gen = torch.Generator().manual_seed(3)
     agree = total = 0
@@ -151,10 +191,16 @@ def test_backend_switch_restores_reference_exactly(resnet_q):
         assert any(isinstance(m, Int8Conv2d) for m in qm.model.modules())
         qm.apply(uniform_policy(qm.layers, 4)).apply(MIXED)  # re-packs, then back
         qm.set_backend("reference")
-        assert not any(isinstance(m, Int8Conv2d) for m in qm.model.modules())
+        assert not any(isinstance(m, (Int8Conv2d, FoldedInt8Block)) for m in qm.model.modules())
         assert torch.equal(qm(x), before)
+        # a block with a float conv is not folded; the others are
+        one_float = Policy(MIXED.w_bits[:3] + (32,) + MIXED.w_bits[4:], MIXED.a_bits)
+        qm.set_backend("int8").apply(one_float)  # layer 3 = layer1.1.conv1
+        folded = [m for m in qm.model.modules() if isinstance(m, FoldedInt8Block)]
+        assert len(folded) == 8 and not isinstance(qm.model.layer1[1], FoldedInt8Block)
         # the float policy through the int8 backend is the float network
-        qm.set_backend("int8").apply(Policy.uniform(qm.num_layers, 32, None))
+        qm.apply(Policy.uniform(qm.num_layers, 32, None))
+        assert not any(isinstance(m, FoldedInt8Block) for m in qm.model.modules())
         assert torch.equal(qm(x), qm.model(x))
 
 
@@ -182,9 +228,9 @@ def test_compiled_int8_agrees_and_compiles_once_for_all_policies_and_batches(res
     torch._dynamo.reset()
     counters.clear()
     qm = copy.deepcopy(resnet_q).set_backend("int8-compiled").apply(MIXED)
-    assert qm.compiled and qm.function_id == "int8-exact-sums-compiled"
+    assert qm.compiled and qm.function_id == "int8-exact-sums-folded-compiled"
     eager = copy.deepcopy(resnet_q).set_backend("int8").apply(MIXED)
-    assert not eager.compiled and eager.function_id == "int8-exact-sums"
+    assert not eager.compiled and eager.function_id == "int8-exact-sums-folded"
     x = torch.rand(64, 3, 32, 32) + 0.25 * torch.randn(64, 3, 32, 32)
     assert eager.warmed_up and not qm.warmed_up  # eager: nothing to build
     qm.warm_up(x)
@@ -222,7 +268,7 @@ def test_warm_up_falls_back_to_eager_int8_when_compilation_fails(resnet_q, monke
     qm = copy.deepcopy(resnet_q).set_backend("int8-compiled").apply(MIXED)
     with pytest.warns(RuntimeWarning, match="torch.compile failed .*no C\\+\\+ compiler"):
         qm.warm_up(torch.rand(4, 3, 32, 32))
-    assert not qm.compiled and qm.function_id == "int8-exact-sums" and qm.warmed_up
+    assert not qm.compiled and qm.function_id == "int8-exact-sums-folded" and qm.warmed_up
     qm.compile(dynamic=True)
     assert not qm.warmed_up  # a new graph to build
     qm.uncompile()
