@@ -106,6 +106,12 @@ def _add_certify(p: argparse.ArgumentParser) -> None:
         "alpha + alpha_zeta (equal confidence, fresh noise: seed + 1) and report both results, times and the speed-up",
     )
     p.add_argument(
+        "--predict",
+        action="store_true",
+        help="full mode: also run PREDICT (Cohen et al.) with n samples at alpha on the same "
+        "images (its own noise stream) and report its accuracy and abstain rate",
+    )
+    p.add_argument(
         "--noise-device",
         default="cpu",
         help="where the noise is generated: cpu (same values everywhere) or cuda (faster on a GPU)",
@@ -176,6 +182,8 @@ def _check_args(args) -> None:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.n_p is not None and not args.incremental:
         raise CLIError("--n-p only applies with --incremental")
+    if args.predict and args.incremental:
+        raise CLIError("--predict runs with full certification: drop --incremental")
     if args.compare_full and not args.incremental:
         raise CLIError("--compare-full compares incremental with full certification: add --incremental")
     if args.incremental:
@@ -207,6 +215,7 @@ def cmd_certify(args) -> dict:
         evenly_spaced,
         find_irs_cache,
         load_or_build_irs_cache,
+        predict,
         resolve_device,
     )
 
@@ -267,6 +276,14 @@ def cmd_certify(args) -> dict:
         else:
             cert = certify(net, images, labels, sigma, **common)
         result["mode"] = "full"
+        if args.predict:
+            t0 = time.perf_counter()
+            pred = predict(net, images, sigma, n=args.n, alpha=args.alpha,
+                           **{k: v for k, v in common.items() if k not in ("n0", "n", "alpha")})  # fmt: skip
+            result["predict"] = {"accuracy": float(np.mean(pred == labels)),
+                                 "abstain_rate": float(np.mean(pred == -1)), "n": args.n,
+                                 "alpha": args.alpha, "forward_passes": args.n * len(pred),
+                                 "seconds": time.perf_counter() - t0}  # fmt: skip
     else:
         from arq_gym.data import user_cache_dir
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from test_smoothing_certify import one_thread  # noqa: F401  (autouse: one torch thread)
 
 from arq_gym.cli import main as cli_main
@@ -194,3 +195,28 @@ def test_certify_policy_file(tmp_path, capsys, data_dir):
     path.write_text("{}")
     rc, _out, err = _run(capsys, *BASE, "--data-dir", str(data_dir), "--policy", str(path))
     assert rc == 2 and "format" in err and len(err.strip().splitlines()) == 1
+
+
+def test_certify_predict_reports_predict_accuracy(capsys, data_dir):
+    """--predict: PREDICT on the same images, the same answers as the library call."""
+    import numpy as np
+
+    from arq_gym.data import load
+    from arq_gym.models import load_shipped
+    from arq_gym.smoothing import evenly_spaced, predict
+
+    rc, stdout, _err = _run(capsys, *BASE, "--data-dir", str(data_dir), "--predict")
+    assert rc == 0
+    res = json.loads(stdout.strip().splitlines()[-1])["predict"]
+    split = load("fashion_mnist", data_dir).split("test")
+    idx = evenly_spaced(len(split), 4)
+    sub = split.subset(idx)
+    x = torch.from_numpy(np.ascontiguousarray(sub.x)).float() / 255.0
+    model, _meta = load_shipped("lenet5", sigma=0.25)
+    pred = predict(model.eval(), x, 0.25, n=100, alpha=0.001, batch_size=200, image_keys=idx,
+                   progress=False)  # fmt: skip
+    assert res["accuracy"] == float(np.mean(pred == sub.y))
+    assert res["abstain_rate"] == float(np.mean(pred == -1))
+    assert res["forward_passes"] == 400 and res["n"] == 100
+    rc, _out, err = _run(capsys, *BASE, "--data-dir", str(data_dir), "--predict", "--incremental")
+    assert rc != 0 and "--predict runs with full certification" in err
