@@ -88,7 +88,13 @@ def _add_certify(p: argparse.ArgumentParser) -> None:
         "saved every --chunk images in OUT.parts/, and rerunning the same command resumes it",
     )
     p.add_argument("--chunk", type=int, default=25, help="images per saved chunk (default 25)")
-    p.add_argument("--batch-size", type=int, default=400, help="noisy samples per forward pass")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="noisy samples per forward pass (default 100 on the CPU, where activations then stay "
+        "in cache and it runs about 2x faster than 400; 400 on a GPU); the counts do not depend on it",
+    )
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument(
@@ -178,7 +184,7 @@ def _check_args(args) -> None:
         raise CLIError(f"--n0 ({args.n0}) must not exceed --n ({args.n})")
     if not 0 < args.alpha < 0.5:
         raise CLIError(f"--alpha must be in (0, 0.5), got {args.alpha}")
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.n_p is not None and not args.incremental:
         raise CLIError("--n-p only applies with --incremental")
@@ -222,6 +228,8 @@ def cmd_certify(args) -> dict:
     _check_args(args)
     t_all = time.perf_counter()
     device = resolve_device(args.device)
+    if args.batch_size is None:
+        args.batch_size = 100 if device.type == "cpu" else 400
     model, meta = _load_model(args)
     sigma = float(meta["sigma"])
     dataset = meta["dataset"]
