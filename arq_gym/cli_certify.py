@@ -264,6 +264,7 @@ def cmd_certify(args) -> dict:
         "alpha": args.alpha,
         "seed": args.seed,
         "device": str(device),
+        "batch_size": args.batch_size,
         "function": getattr(net, "function_id", "fp32"),
         "command": "arq-gym " + shlex.join(getattr(args, "argv", [])),
     }
