@@ -220,3 +220,17 @@ def test_certify_predict_reports_predict_accuracy(capsys, data_dir):
     assert res["forward_passes"] == 400 and res["n"] == 100
     rc, _out, err = _run(capsys, *BASE, "--data-dir", str(data_dir), "--predict", "--incremental")
     assert rc != 0 and "--predict runs with full certification" in err
+
+
+def test_certify_default_batch_is_100_on_cpu_and_changes_nothing(capsys, data_dir):
+    """The CPU default batch (100) gives the same certificate as an explicit other batch size."""
+    i = BASE.index("--batch-size")
+    no_batch = BASE[:i] + BASE[i + 2 :]
+    rc, stdout, _err = _run(capsys, *no_batch, "--data-dir", str(data_dir))
+    assert rc == 0
+    default = json.loads(stdout.strip().splitlines()[-1])
+    rc, stdout, _err = _run(capsys, *BASE, "--data-dir", str(data_dir))
+    explicit = json.loads(stdout.strip().splitlines()[-1])
+    assert default["batch_size"] == 100 and explicit["batch_size"] == 200
+    for key in ("clean_accuracy", "certified_accuracy", "acr", "abstain_rate", "forward_passes"):
+        assert default[key] == explicit[key]
