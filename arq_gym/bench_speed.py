@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from arq_gym.allocator import keep_activation_memory
 from arq_gym.policy import Policy
 
 PATHS = ("fp32-reference", "fp32-channels_last", "int8", "int8-compiled")
@@ -195,6 +196,7 @@ def run_bench(cfg: BenchConfig, checkpoint: str | None = None, data_dir=None,
 
     say = log or (lambda _m: None)
     torch.set_num_threads(int(cfg.threads))
+    keep_activation_memory()  # as every certification does (arq_gym.allocator)
     t_all = time.perf_counter()
     model, meta, model_desc = _load_model(checkpoint)
     sigma = float(meta.get("sigma", 0.25))

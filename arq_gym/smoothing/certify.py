@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from scipy.stats import binomtest, norm
 
+from arq_gym.allocator import keep_activation_memory
 from arq_gym.smoothing.bounds import lower_confidence_bound
 from arq_gym.smoothing.certificate import Certificate
 from arq_gym.smoothing.noise import (
@@ -142,6 +143,8 @@ def sample_counts(
     from tqdm.auto import tqdm
 
     dev = resolve_device(device)
+    if dev.type == "cpu":
+        keep_activation_memory()
     params = getattr(model, "parameters", None)
     first = next(iter(params()), None) if callable(params) else None
     if first is not None and first.device.type != dev.type:
