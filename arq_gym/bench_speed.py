@@ -8,7 +8,8 @@ Everything is measured in one run so that ratios are meaningful on a busy machin
 * noisy-sample throughput (samples/s) of the FP network, a uniform W4A4 policy and a mixed
   policy through each execution path: ``fp32-reference`` (the package's definition: eager fp32
   fake quantization, NCHW), ``fp32-channels_last``, ``int8`` (exact integer convolutions,
-  eager) and ``int8-compiled`` (the same under ``torch.compile``); paths are timed in
+  eager) and ``int8-compiled`` (the same under ``torch.compile``; for a ResNet also
+  ``int8-compiled-unfolded``, without :class:`~arq_gym.quant.FoldedInt8Block`); paths are timed in
   interleaved rounds and the median round is kept;
 * where the fastest int8 path spends its time at the best batch size of the sweep
   (``time_breakdown``: the share inside the oneDNN int8 convolution kernel, and that kernel's
@@ -41,7 +42,8 @@ import torch
 from arq_gym.allocator import keep_activation_memory
 from arq_gym.policy import Policy
 
-PATHS = ("fp32-reference", "fp32-channels_last", "int8", "int8-compiled")
+PATHS = ("fp32-reference", "fp32-channels_last", "int8", "int8-compiled",
+         "int8-compiled-unfolded")  # fmt: skip
 
 
 @dataclass
@@ -235,6 +237,9 @@ def run_bench(cfg: BenchConfig, checkpoint: str | None = None, data_dir=None,
             qc.warm_up(warm)
             compile_seconds = time.perf_counter() - t0
             paths["int8-compiled"] = qc
+            if qc.function_id.startswith("int8-exact-sums-folded"):  # ResNet: folding's gain
+                qu = copy.deepcopy(qref).set_backend("int8-compiled").set_folding(False)
+                paths["int8-compiled-unfolded"] = qu.apply(w4a4).warm_up(warm)
         else:
             skipped["int8-compiled"] = "compile disabled (--quick or --no-compile)"
     else:
@@ -250,7 +255,7 @@ def run_bench(cfg: BenchConfig, checkpoint: str | None = None, data_dir=None,
     for pname, pol in policies.items():
         runners = {}
         for path, qm in paths.items():
-            if pname == "fp" and path == "int8-compiled":
+            if pname == "fp" and path.startswith("int8-compiled"):
                 continue  # float layers would change the compiled graph; fp runs eager
             qm.apply(pol)
             if path == "fp32-channels_last":
@@ -374,7 +379,7 @@ def run_bench(cfg: BenchConfig, checkpoint: str | None = None, data_dir=None,
 
     limits = {k.split("_")[0]: v * 1e9 / flops for k, v in peaks.items()}
     arith = {"fp32-reference": "fp32", "fp32-channels_last": "fp32", "int8": "int8",
-             "int8-compiled": "int8"}  # fmt: skip
+             "int8-compiled": "int8", "int8-compiled-unfolded": "int8"}  # fmt: skip
     best_q = max(sps, key=lambda p: sps[p].get("w4a4", 0.0))
     best_rate = max(sps[best_q].get("w4a4", 0.0), sps[best_q].get("mixed", 0.0))
     if batch_sweep and best_q == fastest:  # the best batch size counts (W4A4 in the sweep)

@@ -726,6 +726,7 @@ class QuantizedModel(nn.Module):
             for name, m in self.model.named_modules()
             if isinstance(m, BasicBlock)
         ]
+        self.fold_blocks = True
         object.__setattr__(self, "_compiled", None)
         self.backend = "reference"
         self.set_backend(backend)
@@ -837,12 +838,21 @@ class QuantizedModel(nn.Module):
         for parent, attr, block, folded in self._blocks:
             c1, c2 = block.conv1, block.conv2
             ok = (
-                isinstance(c1, Int8Conv2d) and c1.active
+                self.fold_blocks
+                and isinstance(c1, Int8Conv2d) and c1.active
                 and isinstance(c2, Int8Conv2d) and c2.active and not c2.act.signed
             )  # fmt: skip
             if ok and (c1.folded is None or c1.fold_bits != (c1.bits, c2.act.bits)):
                 c1.fold(block.bn1, c2.act)
             setattr(parent, attr, folded if ok else block)
+
+    def set_folding(self, enabled: bool) -> QuantizedModel:
+        """Whether the int8 backend folds ResNet blocks (:class:`FoldedInt8Block`; on by
+        default); returns ``self``. Off, every int8 conv writes float32 (for comparisons)."""
+        self.fold_blocks = bool(enabled)
+        with torch.no_grad():
+            self._sync_int8()
+        return self
 
     def set_backend(self, backend: str) -> QuantizedModel:
         """Choose how quantized layers execute; returns ``self``.
@@ -911,7 +921,7 @@ class QuantizedModel(nn.Module):
         operations around the convolutions are fused by ``torch.compile``."""
         if self.backend != "int8":
             return "fake-quant-fp32"
-        name = "int8-exact-sums-folded" if self._blocks else "int8-exact-sums"
+        name = "int8-exact-sums-folded" if self._blocks and self.fold_blocks else "int8-exact-sums"
         return name + "-compiled" if self.compiled else name
 
     def _apply(self, fn, *args, **kwargs):  # called by .to(), .cuda(), .float(), ...

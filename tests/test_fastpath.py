@@ -205,6 +205,22 @@ def test_backend_switch_restores_reference_exactly(resnet_q):
 
 
 @needs_int8
+def test_folding_can_be_turned_off_and_agrees(resnet_q):
+    folded = copy.deepcopy(resnet_q).set_backend("int8").apply(MIXED)
+    plain = copy.deepcopy(folded).set_folding(False)
+    assert plain.function_id == "int8-exact-sums" and folded.function_id.endswith("-folded")
+    assert not any(isinstance(m, FoldedInt8Block) for m in plain.model.modules())
+    x = torch.rand(200, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        a, b = folded(x), plain(x)
+    assert not torch.equal(a, b)  # a different float epilogue...
+    assert (a.argmax(1) == b.argmax(1)).float().mean() >= 0.98  # ...for the same network
+    plain.set_folding(True)
+    with torch.inference_mode():
+        assert torch.equal(plain(x), a)
+
+
+@needs_int8
 def test_int8_copies_are_independent(resnet_q):
     a = copy.deepcopy(resnet_q).set_backend("int8").apply(MIXED)
     b = copy.deepcopy(a)
