@@ -213,6 +213,7 @@ def cmd_certify(args) -> dict:
     import torch
 
     from arq_gym.data import DataError, load
+    from arq_gym.files import portable_path
     from arq_gym.smoothing import (
         build_irs_cache,
         certify,
@@ -358,7 +359,7 @@ def cmd_certify(args) -> dict:
             "n_p": args.n_p,
             "alpha_zeta": args.alpha_zeta,
             "gamma": args.gamma,
-            "cache": str(path),
+            "cache": portable_path(path),
             "cache_built": bool(cache.built),
             "cache_seconds": float(cache.meta["seconds"]) if cache.built else 0.0,
             "branches": cert.meta["branches"],

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "dumps", "json_default"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "dumps", "json_default", "portable_path"]
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -46,3 +46,18 @@ def json_default(o: Any) -> Any:
 def dumps(obj: Any) -> str:
     """Indented JSON with a final newline (numpy values and paths allowed)."""
     return json.dumps(obj, indent=2, default=json_default) + "\n"
+
+
+def portable_path(path: str | os.PathLike) -> str:
+    """``path`` as recorded in result files: inside the installed package as
+    ``arq_gym/...``, inside the user cache directory as ``<cache>/...``, otherwise as given, so
+    that results name no folder of the machine that produced them."""
+    from arq_gym.data import user_cache_dir
+
+    p = Path(path)
+    for root, label in ((Path(__file__).resolve().parent, "arq_gym"), (user_cache_dir(), "<cache>")):
+        try:
+            return f"{label}/{p.resolve().relative_to(root.resolve()).as_posix()}"
+        except ValueError:
+            continue
+    return str(path)

@@ -54,7 +54,7 @@ from arq_gym.budget import (
 )
 from arq_gym.cost import bops, fp32_bops
 from arq_gym.fidelity import Fidelity, get_fidelity
-from arq_gym.files import atomic_write_text, json_default
+from arq_gym.files import atomic_write_text, json_default, portable_path
 from arq_gym.policy import Policy, valid_bits
 from arq_gym.smoothing import Certificate
 
@@ -581,7 +581,7 @@ class QuantizationProblem:
             "function": self.function_id,
             "fp_acr": self.fp_acr,
             "fp_clean_accuracy": float(self.fp_certificate.clean_accuracy),
-            "irs_cache": str(self.irs_cache_path),
+            "irs_cache": portable_path(self.irs_cache_path),
         }
 
     def __repr__(self) -> str:

@@ -207,7 +207,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir=None, resume: bool 
         "epochs": cfg.epochs,
         "total_epochs": cfg.epochs + (parent["total_epochs"] if parent else 0),
         "parent_sha256": parent["sha256"] if parent else None,
-        "config": asdict(cfg),
+        # the parent is named by parent_sha256; its file name only, no folder of this machine
+        "config": asdict(cfg) | {"init": Path(cfg.init).name if cfg.init else None},
         "clean_test_accuracy": evaluate(model, data.test.x, data.test.y, 0.0, device=cfg.device),
         "noisy_test_accuracy": evaluate(model, data.test.x, data.test.y, cfg.sigma, device=cfg.device),
         "history": history,

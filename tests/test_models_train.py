@@ -144,6 +144,7 @@ def test_warm_start_records_lineage_and_checks_the_parent(tmp_path, data_dir, on
                  "--data-dir", str(data_dir)]) == 0
     _, meta = load_checkpoint(out)
     assert meta["parent_sha256"] == parent_meta["sha256"]
+    assert meta["config"]["init"] == parent.name  # the file name, no folder of this machine
     assert meta["total_epochs"] == parent_meta["epochs"] + 1
     # one epoch on 2,000 images from a trained parent stays far above what that run alone reaches
     assert meta["clean_test_accuracy"] > 0.75

@@ -288,3 +288,13 @@ def test_evaluation_is_deterministic_in_a_fresh_process(lenet, data_dir):
     for key in ("w_bits", "a_bits", "bops", "acr", "certified_accuracy", "clean_accuracy",
                 "abstain_rate", "fp_acr"):  # fmt: skip
         assert fresh[key] == info[key], key
+
+
+def test_result_files_name_no_machine_folder(tmp_path, monkeypatch):
+    from arq_gym.files import portable_path
+    from arq_gym.problem import SHIPPED_CACHE_DIR
+
+    monkeypatch.setenv("ARQ_GYM_CACHE", str(tmp_path / "cache"))
+    assert portable_path(SHIPPED_CACHE_DIR / "abc_search.npz") == "arq_gym/models/caches/abc_search.npz"
+    assert portable_path(tmp_path / "cache" / "irs" / "c.npz") == "<cache>/irs/c.npz"
+    assert portable_path("results/x.tsv") == "results/x.tsv"
