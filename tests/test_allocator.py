@@ -12,8 +12,10 @@ PROBE = """
 import resource, torch
 from arq_gym.allocator import keep_activation_memory
 ok = keep_activation_memory()
-def batch():  # like a forward pass: several activation-sized blocks alive at once, then freed
-    blocks = [torch.ones(1_600_000) for _ in range(6)]  # 6.4 MB each
+def batch():  # like a forward pass: many activation-sized blocks alive at once, then freed
+    # 16 x 6.4 MB: more than glibc's largest default trim threshold (64 MB) is freed at once,
+    # so by default the pages go back to the system whatever the allocation history was
+    blocks = [torch.ones(1_600_000) for _ in range(16)]
     del blocks
 for _ in range(3):
     batch()
@@ -36,7 +38,7 @@ def test_activation_blocks_are_reused_without_page_faults():
     applied, faults = _faults()
     if not applied:
         pytest.skip("no glibc mallopt here")
-    # the default: every batch maps fresh pages (thousands of faults per batch of 38 MB)
+    # the default: every batch maps fresh pages (thousands of faults per batch of 102 MB)
     default_applied, default_faults = _faults(ARQ_GYM_MALLOC="default")
     assert not default_applied and default_faults > 10 * 1000
     assert faults < default_faults / 100
