@@ -4,9 +4,9 @@ glibc's ``malloc`` serves a block above its mmap threshold (128 KiB at start, ra
 large blocks happen to be freed) with a fresh ``mmap``, and ``free`` unmaps it again; the kernel
 then zero-fills every page on first touch. A CPU forward pass of ResNet-20 on a batch of 100
 allocates about twenty 6.5 MB activations, so without this each batch pays for thousands of page
-faults: full FP32 certification ran at 2,224 noisy samples/s on 2 cores, and at 3,286 with
-:func:`keep_activation_memory` (the same certificates; ``arq-gym`` measures it in one run with
-the batch size and thread count it uses).
+faults: full FP32 certification (batch 100, 2 cores) ran at 2,224 noisy samples/s with glibc's
+defaults and at 3,286 with :func:`keep_activation_memory`, with the same certificates (one
+probe, the two settings in separate processes).
 """
 
 from __future__ import annotations

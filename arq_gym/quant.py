@@ -416,8 +416,10 @@ class Int8Conv2d(nn.Module):
         self.active = False
         self.packed = None
         self.q_weight: torch.Tensor | None = None
-        # (batch norm, next activation quantizer) folded into a second packing, and that packing
+        # (batch norm, next activation quantizer) folded into a second packing, the bits it was
+        # packed for (this layer's, the next quantizer's) and that packing
         self.fold_with: tuple[nn.BatchNorm2d, ActivationQuantizer] | None = None
+        self.fold_bits: tuple | None = None
         self.folded: tuple | None = None
         self.bits = (FLOAT_BITS, FLOAT_BITS)
         (kh, kw), (ph, pw) = self.kernel, self.padding
@@ -450,7 +452,7 @@ class Int8Conv2d(nn.Module):
         current bits; ``w_bits``/``a_bits`` are the layer's bits (32 = float)."""
         self.bits = (int(w_bits), int(a_bits))
         self.active = FLOAT_BITS not in self.bits
-        self.folded = self.fold_with = None
+        self.folded = self.fold_with = self.fold_bits = None
         if not self.active:
             self.packed = self.q_weight = None
             return
@@ -842,7 +844,7 @@ class QuantizedModel(nn.Module):
                 and isinstance(c1, Int8Conv2d) and c1.active
                 and isinstance(c2, Int8Conv2d) and c2.active and not c2.act.signed
             )  # fmt: skip
-            if ok and (c1.folded is None or c1.fold_bits != (c1.bits, c2.act.bits)):
+            if ok and c1.fold_bits != (c1.bits, c2.act.bits):
                 c1.fold(block.bn1, c2.act)
             setattr(parent, attr, folded if ok else block)
 
