@@ -90,6 +90,45 @@ def test_shipped_model_with_wrong_sha_is_refused(tmp_path, monkeypatch):
         load_shipped(entry["architecture"], entry["dataset"], entry["sigma"])
 
 
+def test_shipped_checkpoints_name_no_folder_of_the_training_machine():
+    for e in shipped_models():
+        _, meta = load_checkpoint(zoo.WEIGHTS_DIR / e["file"])
+        meta.pop("path")
+        assert zoo.machine_paths(meta) == [], e["file"]
+
+
+def test_reship_portable_cuts_paths_keeps_weights_and_rekeys_caches(tmp_path, monkeypatch):
+    from arq_gym.smoothing import IRSCache
+
+    entry = next(e for e in shipped_models() if e["architecture"] == "lenet5")
+    model, meta = load_checkpoint(zoo.WEIGHTS_DIR / entry["file"])
+    for k in ("sha256", "path"):
+        meta.pop(k)
+    meta["config"] = {**meta.get("config", {}), "init": "/somewhere/runs/parent.pt"}
+    weights, caches = tmp_path / "weights", tmp_path / "caches"
+    old = save_checkpoint(model, meta, weights / entry["file"])
+    assert zoo.machine_paths(meta) == ["config.init"]
+    (weights / "manifest.json").write_text(json.dumps({"models": [{**entry, "sha256": old}]}))
+    shipped_cache = next((zoo.WEIGHTS_DIR.parent / "caches").glob(f"{entry['sha256'][:16]}_*.npz"))
+    cache = IRSCache.load(shipped_cache)
+    cache.meta["checkpoint_sha256"] = old
+    cache.save(caches / f"{old[:16]}_smoke.npz")
+    monkeypatch.setattr(zoo, "WEIGHTS_DIR", weights)
+    monkeypatch.setattr(zoo, "MANIFEST", weights / "manifest.json")
+
+    assert zoo.reship_portable(entry["file"], cache_dir=caches) == (old, new := zoo.shipped_models()[0]["sha256"])
+    assert new != old and zoo.shipped_models()[0]["previous_sha256"] == [old]
+    again, meta2 = load_shipped(entry["architecture"], entry["dataset"], entry["sigma"])
+    assert meta2["config"]["init"] == "parent.pt" and meta2["sha256"] == new
+    for a, b in zip(model.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
+    assert [p.name for p in caches.iterdir()] == [f"{new[:16]}_smoke.npz"]
+    moved = IRSCache.load(caches / f"{new[:16]}_smoke.npz")
+    assert moved.meta["checkpoint_sha256"] == new and (moved.counts == cache.counts).all()
+    with pytest.raises(ZooError, match="not in the manifest"):
+        zoo.reship_portable("nothing.pt", cache_dir=caches)
+
+
 def test_unknown_shipped_architecture_or_sigma():
     with pytest.raises(ZooError, match="no shipped model for architecture 'vgg'"):
         load_shipped("vgg", sigma=0.25)

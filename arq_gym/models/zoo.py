@@ -77,5 +77,86 @@ def ship(checkpoint: str | Path) -> dict:
     }
     models = [m for m in shipped_models() if m["file"] != name] + [entry]
     models.sort(key=lambda m: (m["architecture"], m["dataset"], m["sigma"]))
-    MANIFEST.write_text(json.dumps({"format": "arq-zoo/1", "models": models}, indent=2) + "\n")
+    _write_manifest(models)
     return entry
+
+
+def _write_manifest(models: list[dict]) -> None:
+    from arq_gym.files import atomic_write_text
+
+    atomic_write_text(MANIFEST, json.dumps({"format": "arq-zoo/1", "models": models}, indent=2) + "\n")
+
+
+def machine_paths(meta: dict) -> list[str]:
+    """Keys of checkpoint metadata (``config.init`` style, dotted) whose value names a folder:
+    a shipped checkpoint must not carry a path of the machine that trained it."""
+    found = []
+
+    def walk(obj, prefix):
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, f"{prefix}{k}.")
+        elif isinstance(obj, list):
+            for i, v in enumerate(obj):
+                walk(v, f"{prefix}{i}.")
+        elif isinstance(obj, str) and ("/" in obj or "\\" in obj):
+            found.append(prefix[:-1])
+
+    walk(meta, "")
+    return found
+
+
+def reship_portable(file: str, cache_dir: str | Path | None = None) -> tuple[str, str]:
+    """Re-save a shipped checkpoint with every path in its metadata cut to the file name, and
+    re-key what is tied to its sha256 (maintainers); returns ``(old sha256, new sha256)``.
+
+    The weights are unchanged (checked tensor by tensor before the file is replaced); the
+    manifest entry gets the new sha256 and lists the old one under ``previous_sha256``, and
+    the shipped IRS caches of the old file (``cache_dir``, default the package's) are rewritten
+    under the new sha256, since they certify the same network.
+    """
+    import torch
+
+    from arq_gym.data.download import sha256_of
+    from arq_gym.models.checkpoint import save_checkpoint
+    from arq_gym.smoothing import IRSCache
+    from arq_gym.smoothing.incremental import read_cache_meta
+
+    models = shipped_models()
+    entry = next((m for m in models if m["file"] == file), None)
+    if entry is None:
+        raise ZooError(f"{file!r} is not in the manifest")
+    path = WEIGHTS_DIR / file
+    model, meta = load_checkpoint(path, sha256=entry["sha256"])
+    old = meta.pop("sha256")
+    meta.pop("path")
+    for key in machine_paths(meta):
+        *parents, last = key.split(".")
+        node = meta
+        for k in parents:
+            node = node[int(k)] if isinstance(node, list) else node[k]
+        node[last] = Path(node[last].replace("\\", "/")).name
+    tmp = path.with_name(f".{path.name}.reship")
+    try:
+        save_checkpoint(model, meta, tmp)
+        fresh = torch.load(tmp, map_location="cpu", weights_only=True)["state_dict"]
+        for k, v in model.state_dict().items():
+            if not torch.equal(v, fresh[k]):
+                raise RuntimeError(f"re-saving changed tensor {k}")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    new = sha256_of(path)
+    entry["sha256"] = new
+    entry["previous_sha256"] = sorted(set(entry.get("previous_sha256", [])) | {old})
+    _write_manifest(models)
+    caches = Path(cache_dir) if cache_dir is not None else Path(__file__).parent / "caches"
+    for npz in sorted(caches.glob(f"{old[:16]}_*.npz")):
+        cmeta = read_cache_meta(npz)
+        if cmeta is None or cmeta.get("checkpoint_sha256") != old:
+            continue
+        cache = IRSCache.load(npz)
+        cache.meta["checkpoint_sha256"] = new
+        cache.save(npz.with_name(new[:16] + npz.name[len(old[:16]):]))
+        npz.unlink()
+    return old, new
