@@ -2,8 +2,10 @@
 
 Everything is measured in one run so that ratios are meaningful on a busy machine:
 
-* the machine's GEMM peak for each arithmetic (``torch.matmul`` fp32 / bf16 on square
-  matrices, int8 ``torch._int_mm``), the network's FLOPs per sample (2 x MACs of
+* the machine's GEMM peak for each arithmetic (the best of ``torch.matmul`` fp32 / bf16 and
+  ``torch._int_mm`` int8 on square matrices and oneDNN's GEMM as a 1x1 convolution: on the
+  project's AMD CPU ``torch.matmul`` reached half of oneDNN's fp32 rate), the network's FLOPs
+  per sample (2 x MACs of
   :func:`~arq_gym.quant.find_layers`) and therefore the throughput limit of each arithmetic;
 * noisy-sample throughput (samples/s) of the FP network, a uniform W4A4 policy and a mixed
   policy through each execution path: ``fp32-reference`` (the package's definition: eager fp32
@@ -13,8 +15,9 @@ Everything is measured in one run so that ratios are meaningful on a busy machin
   interleaved rounds and the median round is kept;
 * where the fastest int8 path spends its time at the best batch size of the sweep
   (``time_breakdown``: the share inside the oneDNN int8 convolution kernel, and that kernel's
-  own throughput as a fraction of the int8 GEMM peak, the ceiling of ``limit_fraction``; the
-  rest is the memory-bound quantize / batch-norm / residual / ReLU work);
+  own throughput as a fraction of the int8 GEMM peak, in the network and with each
+  convolution run alone on warm caches, the ceiling of ``limit_fraction``; the rest is the
+  quantize / batch-norm / residual / ReLU work and the Python around the graph);
 * agreement of the fast paths with the reference on noisy samples (top-1 class per sample);
 * the time to certify one policy with IRS at fidelity "search" through the fastest path, the
   same through the reference path, and the naive baseline at equal confidence: full CERTIFY of
@@ -93,32 +96,70 @@ def _time(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
-def gemm_peaks(size: int = 2048, reps: int = 3) -> dict:
-    """Measured GEMM throughput (GFLOP/s; int8 in GOP/s) of ``torch.matmul`` in fp32 and
-    bf16 and of ``torch._int_mm`` in int8 on ``size x size`` matrices (best of ``reps``)."""
+def _conv1x1_gemms(rows: int, channels: int, gen: torch.Generator) -> dict[str, Callable]:
+    """GEMMs of ``rows x channels x channels`` as 1x1 convolutions in channels_last: oneDNN's
+    kernels, which this CPU runs faster than ``torch.matmul``'s for fp32 (MKL)."""
+    side = 16
+    batch = max(1, rows // (side * side))
+    x = torch.randn(batch, channels, side, side, generator=gen).contiguous(
+        memory_format=torch.channels_last)
+    w = torch.randn(channels, channels, 1, 1, generator=gen)
+    xb, wb = x.bfloat16(), w.bfloat16()
+    ops = {"fp32": lambda: torch.nn.functional.conv2d(x, w),
+           "bf16": lambda: torch.nn.functional.conv2d(xb, wb)}  # fmt: skip
+    from arq_gym.quant import int8_kernels_available
+
+    if int8_kernels_available():
+        qw = torch.randint(-127, 128, (channels, channels, 1, 1), dtype=torch.int8, generator=gen)
+        scale, zp = torch.full((channels,), 0.01), torch.zeros(channels, dtype=torch.int64)
+        packed = torch.ops.onednn.qconv_prepack(
+            qw.contiguous(memory_format=torch.channels_last), scale, 0.05, 0, [1, 1], [0, 0],
+            [1, 1], 1, None)  # fmt: skip
+        qx = torch.randint(0, 256, tuple(x.shape), dtype=torch.uint8, generator=gen).contiguous(
+            memory_format=torch.channels_last)
+        ops["int8"] = lambda: torch.ops.onednn.qconv2d_pointwise(
+            qx, 0.05, 0, packed, scale, zp, None, [1, 1], [0, 0], [1, 1], 1, 1.0, 0,
+            torch.float32, "none", [], "")  # fmt: skip
+    return ops
+
+
+def gemm_peaks(size: int = 2048, reps: int = 5) -> dict:
+    """The machine's measured GEMM peak per arithmetic (GFLOP/s; int8 in GOP/s): the best of
+    ``torch.matmul`` (fp32, bf16) and ``torch._int_mm`` (int8) on ``size x size`` matrices and
+    of oneDNN's GEMM as a 1x1 convolution (``4 * size`` rows, 256 channels), best of ``reps``
+    interleaved rounds. ``<arith>_gflops_by_kernel`` keeps each kernel's figure."""
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(size, size, generator=gen)
     b = torch.randn(size, size, generator=gen)
     a16, b16 = a.bfloat16(), b.bfloat16()
-    ops = {
-        "fp32": (lambda: torch.matmul(a, b)),
-        "bf16": (lambda: torch.matmul(a16, b16)),
+    square = 2.0 * size**3
+    ops: dict[tuple[str, str], tuple[Callable, float]] = {
+        ("fp32", "matmul"): (lambda: torch.matmul(a, b), square),
+        ("bf16", "matmul"): (lambda: torch.matmul(a16, b16), square),
     }
     if hasattr(torch, "_int_mm"):
         ai = torch.randint(-127, 128, (size, size), dtype=torch.int8, generator=gen)
         bi = torch.randint(-127, 128, (size, size), dtype=torch.int8, generator=gen)
-        ops["int8"] = lambda: torch._int_mm(ai, bi)
-    flops = 2.0 * size**3
+        ops[("int8", "int_mm")] = (lambda: torch._int_mm(ai, bi), square)
+    rows, channels = 4 * size, 256
+    rows -= rows % 256
+    for arith, fn in _conv1x1_gemms(rows, channels, gen).items():
+        ops[(arith, "onednn_conv1x1")] = (fn, 2.0 * rows * channels * channels)
     best = {k: 0.0 for k in ops}
-    for k, fn in ops.items():
+    for k, (fn, _) in ops.items():
         try:
             fn()
         except RuntimeError:
             best.pop(k)
     for _ in range(reps):  # interleaved rounds
         for k in best:
-            best[k] = max(best[k], flops / _time(ops[k]) / 1e9)
-    return {f"{k}_gflops": round(v, 2) for k, v in best.items()}
+            fn, flops = ops[k]
+            best[k] = max(best[k], flops / _time(fn) / 1e9)
+    out: dict = {}
+    for (arith, kernel), v in best.items():
+        out[f"{arith}_gflops"] = round(max(out.get(f"{arith}_gflops", 0.0), v), 2)
+        out.setdefault(f"{arith}_gflops_by_kernel", {})[kernel] = round(v, 2)
+    return out
 
 
 def time_breakdown(qm, batch: torch.Tensor, rounds: int = 3) -> dict:
@@ -136,7 +177,44 @@ def time_breakdown(qm, batch: torch.Tensor, rounds: int = 3) -> dict:
     conv_us = sum(e.self_cpu_time_total for e in events if e.key == "onednn::qconv2d_pointwise")
     total_us = sum(e.self_cpu_time_total for e in events)
     return {"int8_conv_share": conv_us / total_us if total_us else 0.0,
-            "int8_conv_seconds_per_batch": conv_us / 1e6 / rounds}  # fmt: skip
+            "int8_conv_seconds_per_batch": conv_us / 1e6 / rounds,
+            "int8_conv_alone_seconds_per_batch": convolutions_alone(qm, batch)}  # fmt: skip
+
+
+def convolutions_alone(qm, batch: torch.Tensor, repeats: int = 5) -> float:
+    """Seconds per pass of ``batch`` that ``qm``'s int8 convolutions take when each runs by
+    itself, repeated on its own input (median of ``repeats``), so that its input, weights and
+    output stay in cache: the best these kernels do on the network's layer shapes, against
+    which the in-network time shows what memory traffic between layers costs."""
+    from arq_gym.quant import Int8Conv2d
+
+    calls: list[tuple[Callable, torch.Tensor]] = []
+    layers = [m for m in qm.modules() if isinstance(m, Int8Conv2d)]
+
+    def recorder(layer: Int8Conv2d, name: str):
+        method = getattr(layer, name)
+
+        def record(codes: torch.Tensor) -> torch.Tensor:
+            calls.append((method, codes))
+            return method(codes)
+
+        return record
+
+    for layer in layers:  # instance attributes shadow the methods the int8 ops call
+        layer.conv_codes = recorder(layer, "conv_codes")
+        layer.conv_codes_folded = recorder(layer, "conv_codes_folded")
+    try:
+        with torch.inference_mode():
+            qm(batch)
+    finally:
+        for layer in layers:
+            del layer.conv_codes, layer.conv_codes_folded
+    total = 0.0
+    with torch.inference_mode():
+        for method, codes in calls:
+            method(codes)
+            total += statistics.median(_time(lambda m=method, c=codes: m(c)) for _ in range(repeats))
+    return total
 
 
 def _noisy_batches(images: torch.Tensor, sigma: float, batch: int, count: int, seed: int):
@@ -377,7 +455,8 @@ def run_bench(cfg: BenchConfig, checkpoint: str | None = None, data_dir=None,
         naive = {"seconds": round(naive_seconds, 3), "acr": float(cert_naive.acr),
                  "forward_passes": int(cert_naive.forward_passes)}  # fmt: skip
 
-    limits = {k.split("_")[0]: v * 1e9 / flops for k, v in peaks.items()}
+    limits = {k.split("_")[0]: v * 1e9 / flops for k, v in peaks.items()
+              if k.endswith("_gflops")}  # fmt: skip
     arith = {"fp32-reference": "fp32", "fp32-channels_last": "fp32", "int8": "int8",
              "int8-compiled": "int8", "int8-compiled-unfolded": "int8"}  # fmt: skip
     best_q = max(sps, key=lambda p: sps[p].get("w4a4", 0.0))
@@ -398,6 +477,9 @@ def run_bench(cfg: BenchConfig, checkpoint: str | None = None, data_dir=None,
         # the kernels alone, against the same GEMM peak: how close the convolutions get
         breakdown["int8_conv_limit_fraction"] = (
             round(conv_flops / sec / (peaks["int8_gflops"] * 1e9), 4) if sec else None)  # fmt: skip
+        alone = breakdown["int8_conv_alone_seconds_per_batch"]
+        breakdown["int8_conv_alone_limit_fraction"] = (
+            round(conv_flops / alone / (peaks["int8_gflops"] * 1e9), 4) if alone else None)  # fmt: skip
     return {
         "model": model_desc,
         "checkpoint_sha256": meta.get("sha256", ""),

@@ -87,7 +87,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from arq_gym.models.architectures import BasicBlock
+from arq_gym.models.architectures import BasicBlock, PadShortcut
 from arq_gym.policy import FLOAT_BITS, MAX_BITS, MIN_BITS, Policy
 
 CALIBRATION_RULES = ("max", "percentile", "mse")
@@ -541,8 +541,20 @@ class FoldedInt8Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self.block
         codes = _int8_conv_folded_op(b.conv1.codes(x), b.conv1.key_t, b.conv1.geometry)
-        out = b.bn2(_int8_conv_op(codes, b.conv2.key_t, b.conv2.geometry))
-        return nn.functional.relu(out + b.shortcut(x))
+        # The float work after the second convolution runs on NHWC views of the channels_last
+        # tensors: a compiled graph then lays its buffers out like the convolutions (its
+        # default layout is contiguous in the logical order), where NCHW views made it
+        # transpose tiles in every block after the first option-A shortcut.
+        out = _int8_conv_op(codes, b.conv2.key_t, b.conv2.geometry).permute(0, 2, 3, 1)
+        bn = b.bn2  # eval-mode batch norm, written out on the last (channel) dimension
+        out = (out - bn.running_mean) * torch.rsqrt(bn.running_var + bn.eps) * bn.weight + bn.bias
+        shortcut = x.permute(0, 2, 3, 1)
+        if isinstance(b.shortcut, PadShortcut):
+            half = b.shortcut.extra // 2
+            shortcut = nn.functional.pad(shortcut[:, ::2, ::2, :], (half, b.shortcut.extra - half))
+        elif not isinstance(b.shortcut, nn.Identity):
+            shortcut = b.shortcut(x).permute(0, 2, 3, 1)
+        return nn.functional.relu(out + shortcut).permute(0, 3, 1, 2)
 
 
 _INT8_KERNEL_OK: bool | None = None
@@ -890,9 +902,7 @@ class QuantizedModel(nn.Module):
         self.backend = backend
         with torch.no_grad():
             self._sync_int8()
-        # dynamic batch dimension: one graph serves every batch size (the last, partial batch
-        # of a certification would otherwise trigger a second compilation)
-        return self.compile(dynamic=True) if compiled else self.uncompile()
+        return self.compile() if compiled else self.uncompile()
 
     def warm_up(self, sample: torch.Tensor) -> QuantizedModel:
         """Run one forward pass on ``sample`` (a batch of the size that will be used) so that a
@@ -967,7 +977,14 @@ class QuantizedModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         compiled = self.__dict__.get("_compiled")
-        return self.model(x) if compiled is None else compiled(x)
+        if compiled is None:
+            return self.model(x)
+        # a dynamic batch dimension, every other size static: one graph serves every batch
+        # size (the last, partial batch of a certification would otherwise compile a second
+        # one), and its kernels know the channel and spatial sizes (``dynamic=True`` made
+        # them generic, 13% slower on ResNet-20)
+        torch._dynamo.maybe_mark_dynamic(x, 0)
+        return compiled(x)
 
 
 def calibration_images(split, count: int = 512, seed: int = 0) -> torch.Tensor:

@@ -221,6 +221,22 @@ def test_folding_can_be_turned_off_and_agrees(resnet_q):
 
 
 @needs_int8
+def test_folded_blocks_match_their_blocks_and_stay_channels_last(resnet_q):
+    qm = copy.deepcopy(resnet_q).set_backend("int8").apply(MIXED)
+    blocks = [m for m in qm.model.modules() if isinstance(m, FoldedInt8Block)]
+    x = torch.rand(20, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        h = qm.model.bn1(qm.model.conv1(x)).relu()
+        for folded in blocks:  # identity and option-A (downsampling) shortcuts alike
+            out, ref = folded(h), folded.block(h)
+            assert out.shape == ref.shape
+            # the residual stream keeps the convolutions' layout (no transposes when compiled)
+            assert out.is_contiguous(memory_format=torch.channels_last)
+            assert (out - ref).abs().max() <= 0.05 * ref.abs().max()
+            h = ref
+
+
+@needs_int8
 def test_int8_copies_are_independent(resnet_q):
     a = copy.deepcopy(resnet_q).set_backend("int8").apply(MIXED)
     b = copy.deepcopy(a)
