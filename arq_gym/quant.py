@@ -982,7 +982,7 @@ class QuantizedModel(nn.Module):
         # a dynamic batch dimension, every other size static: one graph serves every batch
         # size (the last, partial batch of a certification would otherwise compile a second
         # one), and its kernels know the channel and spatial sizes (``dynamic=True`` made
-        # them generic, 13% slower on ResNet-20)
+        # them generic: 5-17% slower on ResNet-20 in three paired runs)
         torch._dynamo.maybe_mark_dynamic(x, 0)
         return compiled(x)
 
