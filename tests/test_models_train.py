@@ -105,9 +105,10 @@ def test_reship_portable_cuts_paths_keeps_weights_and_rekeys_caches(tmp_path, mo
     for k in ("sha256", "path"):
         meta.pop(k)
     meta["config"] = {**meta.get("config", {}), "init": "/somewhere/runs/parent.pt"}
+    meta["inits"] = ["C:\\runs\\grandparent.pt"]  # in a list, Windows-style
     weights, caches = tmp_path / "weights", tmp_path / "caches"
     old = save_checkpoint(model, meta, weights / entry["file"])
-    assert zoo.machine_paths(meta) == ["config.init"]
+    assert zoo.machine_paths(meta) == ["config.init", "inits.0"]
     (weights / "manifest.json").write_text(json.dumps({"models": [{**entry, "sha256": old}]}))
     shipped_cache = next((zoo.WEIGHTS_DIR.parent / "caches").glob(f"{entry['sha256'][:16]}_*.npz"))
     cache = IRSCache.load(shipped_cache)
@@ -119,12 +120,14 @@ def test_reship_portable_cuts_paths_keeps_weights_and_rekeys_caches(tmp_path, mo
     assert zoo.reship_portable(entry["file"], cache_dir=caches) == (old, new := zoo.shipped_models()[0]["sha256"])
     assert new != old and zoo.shipped_models()[0]["previous_sha256"] == [old]
     again, meta2 = load_shipped(entry["architecture"], entry["dataset"], entry["sigma"])
-    assert meta2["config"]["init"] == "parent.pt" and meta2["sha256"] == new
+    assert meta2["config"]["init"] == "parent.pt" and meta2["inits"] == ["grandparent.pt"]
+    assert meta2["sha256"] == new
     for a, b in zip(model.state_dict().values(), again.state_dict().values()):
         assert torch.equal(a, b)
     assert [p.name for p in caches.iterdir()] == [f"{new[:16]}_smoke.npz"]
     moved = IRSCache.load(caches / f"{new[:16]}_smoke.npz")
     assert moved.meta["checkpoint_sha256"] == new and (moved.counts == cache.counts).all()
+    assert zoo.reship_portable(entry["file"], cache_dir=caches) == (new, new)  # nothing left to cut
     with pytest.raises(ZooError, match="not in the manifest"):
         zoo.reship_portable("nothing.pt", cache_dir=caches)
 

@@ -130,12 +130,15 @@ def reship_portable(file: str, cache_dir: str | Path | None = None) -> tuple[str
     model, meta = load_checkpoint(path, sha256=entry["sha256"])
     old = meta.pop("sha256")
     meta.pop("path")
-    for key in machine_paths(meta):
-        *parents, last = key.split(".")
+    keys = machine_paths(meta)
+    if not keys:
+        return old, old  # nothing to cut: the file stays as it is
+    for key in keys:
         node = meta
-        for k in parents:
-            node = node[int(k)] if isinstance(node, list) else node[k]
-        node[last] = Path(node[last].replace("\\", "/")).name
+        for k in key.split("."):
+            parent, k = node, int(k) if isinstance(node, list) else k
+            node = parent[k]
+        parent[k] = Path(node.replace("\\", "/")).name
     tmp = path.with_name(f".{path.name}.reship")
     try:
         save_checkpoint(model, meta, tmp)
