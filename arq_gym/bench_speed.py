@@ -452,7 +452,7 @@ def run_bench(cfg: BenchConfig, checkpoint: str | None = None, data_dir=None,
                 progress=progress,
             )
         naive_seconds = time.perf_counter() - t0
-        naive = {"seconds": round(naive_seconds, 3), "acr": float(cert_naive.acr),
+        naive = {"seconds": round(naive_seconds, 4), "acr": float(cert_naive.acr),
                  "forward_passes": int(cert_naive.forward_passes)}  # fmt: skip
 
     limits = {k.split("_")[0]: v * 1e9 / flops for k, v in peaks.items()
@@ -473,13 +473,11 @@ def run_bench(cfg: BenchConfig, checkpoint: str | None = None, data_dir=None,
         breakdown = time_breakdown(qm, xb) | {"path": int8_path, "policy": "w4a4",
                                               "batch": best_bs}  # fmt: skip
         conv_flops = 2 * sum(lay.macs for lay in layers if lay.kind == "conv") * best_bs
-        sec = breakdown["int8_conv_seconds_per_batch"]
-        # the kernels alone, against the same GEMM peak: how close the convolutions get
-        breakdown["int8_conv_limit_fraction"] = (
-            round(conv_flops / sec / (peaks["int8_gflops"] * 1e9), 4) if sec else None)  # fmt: skip
-        alone = breakdown["int8_conv_alone_seconds_per_batch"]
-        breakdown["int8_conv_alone_limit_fraction"] = (
-            round(conv_flops / alone / (peaks["int8_gflops"] * 1e9), 4) if alone else None)  # fmt: skip
+        # the convolutions against the same GEMM peak, in the network and alone
+        for where in ("", "_alone"):
+            sec = breakdown[f"int8_conv{where}_seconds_per_batch"]
+            breakdown[f"int8_conv{where}_limit_fraction"] = (
+                round(conv_flops / sec / (peaks["int8_gflops"] * 1e9), 4) if sec else None)  # fmt: skip
     return {
         "model": model_desc,
         "checkpoint_sha256": meta.get("sha256", ""),
@@ -510,14 +508,14 @@ def run_bench(cfg: BenchConfig, checkpoint: str | None = None, data_dir=None,
         },
         "irs_cache_seconds": round(cache_seconds, 2),
         "policy": {"w_bits": list(mixed.w_bits), "a_bits": list(mixed.a_bits)},
-        "policy_seconds": round(policy_seconds, 3),
+        "policy_seconds": round(policy_seconds, 4),
         "policy_forward_passes": int(cert_fast.forward_passes),
         "policy_branches": cert_fast.meta.get("branches", {}),
         "policy_acr": float(cert_fast.acr),
         "policy_function": paths[fastest].function_id,
         "reference_irs": result_irs_ref,
         "naive": naive,
-        "naive_seconds": None if naive_seconds is None else round(naive_seconds, 3),
+        "naive_seconds": None if naive_seconds is None else round(naive_seconds, 4),
         "speedup": None if naive_seconds is None else round(naive_seconds / policy_seconds, 2),
         "seconds": round(time.perf_counter() - t_all, 1),
     }

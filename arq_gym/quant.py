@@ -548,12 +548,10 @@ class FoldedInt8Block(nn.Module):
         out = _int8_conv_op(codes, b.conv2.key_t, b.conv2.geometry).permute(0, 2, 3, 1)
         bn = b.bn2  # eval-mode batch norm, written out on the last (channel) dimension
         out = (out - bn.running_mean) * torch.rsqrt(bn.running_var + bn.eps) * bn.weight + bn.bias
-        shortcut = x.permute(0, 2, 3, 1)
+        shortcut = x.permute(0, 2, 3, 1)  # BasicBlock's shortcut: identity or option A
         if isinstance(b.shortcut, PadShortcut):
             half = b.shortcut.extra // 2
             shortcut = nn.functional.pad(shortcut[:, ::2, ::2, :], (half, b.shortcut.extra - half))
-        elif not isinstance(b.shortcut, nn.Identity):
-            shortcut = b.shortcut(x).permute(0, 2, 3, 1)
         return nn.functional.relu(out + shortcut).permute(0, 3, 1, 2)
 
 

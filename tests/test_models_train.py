@@ -132,6 +132,25 @@ def test_reship_portable_cuts_paths_keeps_weights_and_rekeys_caches(tmp_path, mo
         zoo.reship_portable("nothing.pt", cache_dir=caches)
 
 
+def test_ship_keeps_no_folder_of_the_training_machine(tmp_path, monkeypatch):
+    entry = next(e for e in shipped_models() if e["architecture"] == "lenet5")
+    model, meta = load_checkpoint(zoo.WEIGHTS_DIR / entry["file"])
+    meta = {k: v for k, v in meta.items() if k not in ("sha256", "path")}
+    clean = tmp_path / "clean.pt"
+    save_checkpoint(model, meta, clean)
+    dirty = tmp_path / "dirty.pt"
+    save_checkpoint(model, {**meta, "config": {"init": "/somewhere/runs/parent.pt"}}, dirty)
+    weights = tmp_path / "weights"
+    monkeypatch.setattr(zoo, "WEIGHTS_DIR", weights)
+    monkeypatch.setattr(zoo, "MANIFEST", weights / "manifest.json")
+    shipped = zoo.ship(clean)
+    assert (weights / shipped["file"]).read_bytes() == clean.read_bytes()  # copied as it is
+    shipped = zoo.ship(dirty)
+    _, meta2 = load_shipped(entry["architecture"], entry["dataset"], entry["sigma"])
+    assert meta2["config"]["init"] == "parent.pt" and meta2["sha256"] == shipped["sha256"]
+    assert len(zoo.shipped_models()) == 1  # the same (architecture, dataset, sigma) replaced
+
+
 def test_unknown_shipped_architecture_or_sigma():
     with pytest.raises(ZooError, match="no shipped model for architecture 'vgg'"):
         load_shipped("vgg", sigma=0.25)

@@ -53,17 +53,23 @@ def ship(checkpoint: str | Path) -> dict:
     """Copy a trained checkpoint into the package and record it in the manifest (maintainers).
 
     The file is named ``{architecture}_{dataset}_s{sigma}.pt``; an existing entry for the same
-    (architecture, dataset, sigma) is replaced.
+    (architecture, dataset, sigma) is replaced. Metadata that names a folder (a warm start's
+    ``config.init`` from before ``arq-gym train`` kept file names only) is re-saved with file
+    names only (:func:`portable_metadata`), so that no shipped file names the training machine.
     """
     import shutil
 
     from arq_gym.data.download import sha256_of
+    from arq_gym.models.checkpoint import save_checkpoint
 
     model, meta = load_checkpoint(checkpoint)
-    del model
+    meta = {k: v for k, v in meta.items() if k not in ("sha256", "path")}
     name = f"{meta['architecture']}_{meta['dataset']}_s{float(meta['sigma'])}.pt"
     WEIGHTS_DIR.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(checkpoint, WEIGHTS_DIR / name)
+    if machine_paths(meta):
+        save_checkpoint(model, portable_metadata(meta), WEIGHTS_DIR / name)
+    else:
+        shutil.copyfile(checkpoint, WEIGHTS_DIR / name)
     entry = {
         "architecture": meta["architecture"],
         "dataset": meta["dataset"],
@@ -106,9 +112,24 @@ def machine_paths(meta: dict) -> list[str]:
     return found
 
 
+def portable_metadata(meta: dict) -> dict:
+    """A copy of checkpoint metadata with every value that names a folder
+    (:func:`machine_paths`) cut to its file name."""
+    import copy
+
+    meta = copy.deepcopy(meta)
+    for key in machine_paths(meta):
+        node = meta
+        for k in key.split("."):
+            parent, k = node, int(k) if isinstance(node, list) else k
+            node = parent[k]
+        parent[k] = Path(node.replace("\\", "/")).name
+    return meta
+
+
 def reship_portable(file: str, cache_dir: str | Path | None = None) -> tuple[str, str]:
-    """Re-save a shipped checkpoint with every path in its metadata cut to the file name, and
-    re-key what is tied to its sha256 (maintainers); returns ``(old sha256, new sha256)``.
+    """Re-save an already shipped checkpoint with :func:`portable_metadata`, and re-key what is
+    tied to its sha256 (maintainers); returns ``(old sha256, new sha256)``.
 
     The weights are unchanged (checked tensor by tensor before the file is replaced); the
     manifest entry gets the new sha256 and lists the old one under ``previous_sha256``, and
@@ -130,18 +151,11 @@ def reship_portable(file: str, cache_dir: str | Path | None = None) -> tuple[str
     model, meta = load_checkpoint(path, sha256=entry["sha256"])
     old = meta.pop("sha256")
     meta.pop("path")
-    keys = machine_paths(meta)
-    if not keys:
+    if not machine_paths(meta):
         return old, old  # nothing to cut: the file stays as it is
-    for key in keys:
-        node = meta
-        for k in key.split("."):
-            parent, k = node, int(k) if isinstance(node, list) else k
-            node = parent[k]
-        parent[k] = Path(node.replace("\\", "/")).name
     tmp = path.with_name(f".{path.name}.reship")
     try:
-        save_checkpoint(model, meta, tmp)
+        save_checkpoint(model, portable_metadata(meta), tmp)
         fresh = torch.load(tmp, map_location="cpu", weights_only=True)["state_dict"]
         for k, v in model.state_dict().items():
             if not torch.equal(v, fresh[k]):
