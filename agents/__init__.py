@@ -1,9 +1,11 @@
 """Search agents for arq-gym: the paper's DDPG, random search, Stable-Baselines3 runners.
 
-``agents.get(name)`` returns an agent class: a built-in name (:data:`BUILTIN`) or an import
-path ``"package.module:Class"`` / ``"path/to/file.py:Class"`` for a user's own agent.
-``agents.make(name, env, seed, **hparams)`` builds one, ready to ``run``. See
-:mod:`agents.base` for the interface and ``examples/custom_agent.py`` for a user's agent.
+Installed as ``arq_gym.agents`` (the source lives in the repository's ``agents/`` folder).
+``arq_gym.agents.get(name)`` returns an agent class: a built-in name (:data:`BUILTIN`) or an
+import path ``"package.module:Class"`` / ``"path/to/file.py:Class"`` for a user's own agent.
+``arq_gym.agents.make(name, env, seed, **hparams)`` builds one, ready to ``run``. See
+:mod:`arq_gym.agents.base` for the interface and ``examples/custom_agent.py`` for a user's
+agent.
 """
 
 from __future__ import annotations
@@ -16,20 +18,20 @@ from typing import Any
 
 import gymnasium as gym
 
-from agents.base import Agent, ExternalAgent, Transition, check_action_space
+from .base import Agent, ExternalAgent, Transition, check_action_space
 
 __all__ = ["BUILTIN", "Agent", "ExternalAgent", "Transition", "available", "get", "make"]
 
 #: built-in agent names -> import paths (imported lazily: SB3 is only loaded when used)
 BUILTIN: dict[str, str] = {
-    "arq-ddpg": "agents.arq_ddpg:ARQDDPG",
-    "random": "agents.random_search:RandomSearch",
-    "sb3-ddpg": "agents.sb3:SB3DDPG",
-    "sb3-td3": "agents.sb3:SB3TD3",
-    "sb3-sac": "agents.sb3:SB3SAC",
-    "sb3-ppo": "agents.sb3:SB3PPO",
-    "sb3-a2c": "agents.sb3:SB3A2C",
-    "sb3-dqn": "agents.sb3:SB3DQN",
+    "arq-ddpg": "arq_gym.agents.arq_ddpg:ARQDDPG",
+    "random": "arq_gym.agents.random_search:RandomSearch",
+    "sb3-ddpg": "arq_gym.agents.sb3:SB3DDPG",
+    "sb3-td3": "arq_gym.agents.sb3:SB3TD3",
+    "sb3-sac": "arq_gym.agents.sb3:SB3SAC",
+    "sb3-ppo": "arq_gym.agents.sb3:SB3PPO",
+    "sb3-a2c": "arq_gym.agents.sb3:SB3A2C",
+    "sb3-dqn": "arq_gym.agents.sb3:SB3DQN",
 }
 
 
@@ -105,7 +107,7 @@ def get(name: str) -> type:
     if not (issubclass(obj, Agent) or callable(getattr(obj, "run_episode", None))):
         raise ValueError(
             f"agent {spec_text!r}: class {obj.__name__} has neither the Agent interface "
-            "(subclass agents.Agent) nor a run_episode() method"
+            "(subclass arq_gym.agents.Agent) nor a run_episode() method"
         )
     return obj
 

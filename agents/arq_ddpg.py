@@ -37,7 +37,7 @@ from gymnasium import spaces
 from scipy.stats import truncnorm
 from torch import nn
 
-from agents.base import Agent, Transition, episode_length, torch_threads
+from .base import Agent, Transition, episode_length, torch_threads
 
 __all__ = ["ARQDDPG", "DDPGConfig"]
 

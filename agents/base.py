@@ -88,23 +88,18 @@ def agent_rng(name: str, seed: int) -> np.random.Generator:
 
 @contextlib.contextmanager
 def torch_threads(n: int = 1) -> Iterator[None]:
-    """Run the block with ``n`` torch intra-op threads, then restore the previous number.
+    """Run the block with at most ``n`` torch intra-op threads, then restore the previous
+    number.
 
     The agents' networks are small MLPs: one thread is faster than several, and much faster
     on a loaded machine (measured: 3 ms against 50-450 ms per DDPG update on 2 busy cores),
-    while the env's certification keeps every thread it had.
+    while the env's certification keeps the threads the process has: the thread setting
+    (``ARQ_GYM_THREADS`` / ``--threads``, :mod:`arq_gym.threads`), which this never exceeds.
     """
-    import torch
+    from arq_gym.threads import limited_threads
 
-    old = torch.get_num_threads()
-    if old == n:
+    with limited_threads(n):
         yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def episode_length(env: gym.Env, default: int = 20) -> int:

@@ -13,7 +13,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from agents.base import Agent
+from .base import Agent
 
 __all__ = ["RandomSearch"]
 

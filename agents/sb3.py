@@ -52,7 +52,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.noise import NormalActionNoise
 from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 
-from agents.base import Agent, CheckpointFn, RecordFn, episode_length
+from .base import Agent, CheckpointFn, RecordFn, episode_length
 
 __all__ = ["SB3Agent", "SB3DDPG", "SB3TD3", "SB3SAC", "SB3PPO", "SB3A2C", "SB3DQN", "defaults"]
 
@@ -104,18 +104,19 @@ class _EpisodeRecorder(BaseCallback):
         self.model._total_timesteps = max(self.planned_steps, self.model.num_timesteps + 1)
 
     # SB3's networks are small MLPs: train them on one thread (see agents.base.torch_threads),
-    # collect rollouts (the env certifies) with all of them.
+    # collect rollouts (the env certifies) with the process's thread setting (arq_gym.threads).
     def _on_rollout_end(self) -> None:
-        import torch
+        import contextlib
 
-        self._threads = torch.get_num_threads()
-        torch.set_num_threads(1)
+        from arq_gym.threads import limited_threads
+
+        self._restore_threads()
+        self._threads = contextlib.ExitStack()
+        self._threads.enter_context(limited_threads(1))
 
     def _restore_threads(self) -> None:
-        import torch
-
-        if getattr(self, "_threads", None):
-            torch.set_num_threads(self._threads)
+        if getattr(self, "_threads", None) is not None:
+            self._threads.close()
             self._threads = None
 
     def _on_rollout_start(self) -> None:

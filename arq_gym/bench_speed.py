@@ -22,7 +22,11 @@ Everything is measured in one run so that ratios are meaningful on a busy machin
 * the time to certify one policy with IRS at fidelity "search" through the fastest path, the
   same through the reference path, and the naive baseline at equal confidence: full CERTIFY of
   the quantized network from scratch (reference path, batch 400, fresh noise, ``n0 = 100``,
-  ``n = n_p``, ``alpha + alpha_zeta``) on the same images.
+  ``n = n_p``, ``alpha + alpha_zeta``) on the same images;
+* the thread settings (:func:`thread_probe`): samples/s of the FP network with one thread per
+  core and with one thread per process, in one process alone and in ``cores`` processes at
+  once (a machine shared with other jobs, or a pool of workers), so that the choice of
+  ``ARQ_GYM_THREADS`` / ``--threads`` (:mod:`arq_gym.threads`) rests on a measurement.
 
 The IRS cache of the FP network is built (once, kept in the user cache directory) with
 ``fp_n`` estimation samples; ``n = 10,000`` as in the search fidelity takes a million forward
@@ -32,6 +36,7 @@ from a real search: a smaller ``n`` gives lower ``pA_lower``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import statistics
@@ -70,15 +75,19 @@ class BenchConfig:
     naive: bool = True
     reference_irs: bool = True
     batch_sizes: tuple[int, ...] = (50, 100, 200, 400)
-    threads: int = 2
+    threads: int | None = None  # None: the process's setting (arq_gym.threads)
+    thread_probe: bool = True
+    thread_probe_seconds: float = 2.0  # per measurement
+    thread_probe_rounds: int = 3
     seed: int = 0
 
 
-def quick_config(threads: int = 2) -> BenchConfig:
+def quick_config(threads: int | None = None) -> BenchConfig:
     """A configuration that runs in well under a minute (for tests and smoke checks)."""
     return BenchConfig(images=4, n_p=50, fp_n=100, n0=20, batch_size=100, throughput_batches=2,
                        agreement_samples=400, gemm_size=512, calibration_images=32,
-                       calibration="max", compile=False, batch_sizes=(), threads=threads)  # fmt: skip
+                       calibration="max", compile=False, batch_sizes=(), threads=threads,
+                       thread_probe_seconds=0.5, thread_probe_rounds=1)  # fmt: skip
 
 
 def mixed_policy(num_layers: int, seed: int = 0) -> Policy:
@@ -170,7 +179,7 @@ def time_breakdown(qm, batch: torch.Tensor, rounds: int = 3) -> dict:
 
     with torch.inference_mode():
         qm(batch)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with _quiet_kineto(), profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(rounds):
                 qm(batch)
     events = prof.key_averages()
@@ -179,6 +188,22 @@ def time_breakdown(qm, batch: torch.Tensor, rounds: int = 3) -> dict:
     return {"int8_conv_share": conv_us / total_us if total_us else 0.0,
             "int8_conv_seconds_per_batch": conv_us / 1e6 / rounds,
             "int8_conv_alone_seconds_per_batch": convolutions_alone(qm, batch)}  # fmt: skip
+
+
+@contextlib.contextmanager
+def _quiet_kineto():
+    """Keep the profiler's backend (kineto) from printing ``USDT: ... profiler_start`` and
+    ``profiler_stop`` lines on stderr: kineto reads ``KINETO_LOG_LEVEL`` when a profile
+    starts, and its USDT messages are level 5, so 6 silences them. A level the user set is
+    kept."""
+    user = os.environ.get("KINETO_LOG_LEVEL")
+    if user is None:
+        os.environ["KINETO_LOG_LEVEL"] = "6"
+    try:
+        yield
+    finally:
+        if user is None:
+            os.environ.pop("KINETO_LOG_LEVEL", None)
 
 
 def convolutions_alone(qm, batch: torch.Tensor, repeats: int = 5) -> float:
@@ -254,6 +279,118 @@ def _load_model(checkpoint: str | None):
         return model, meta, "resnet20 random init (no shipped weights yet)"
 
 
+def _probe_worker(rank: int, model: torch.nn.Module, shape: tuple[int, ...], batch: int,
+                  settings: tuple[int, ...], seconds: float, rounds: int, barrier,
+                  queue) -> None:  # fmt: skip
+    """One process of :func:`thread_probe`: for each round and thread setting, a phase with
+    process 0 alone and a phase with every process at once; puts ``(round, threads, phase,
+    rank, samples/s)`` on ``queue``. The barrier lines the phases up across processes."""
+    try:
+        torch.manual_seed(rank)
+        x = torch.randn(batch, *shape)
+        with torch.inference_mode():
+            for r in range(rounds):
+                for t in settings:
+                    torch.set_num_threads(t)  # a spawned process: any count is safe
+                    model(x)  # warm-up at this count
+                    for phase in ("alone", "concurrent"):
+                        barrier.wait()
+                        if phase == "concurrent" or rank == 0:
+                            count, t0 = 0, time.perf_counter()
+                            while (elapsed := time.perf_counter() - t0) < seconds:
+                                model(x)
+                                count += batch
+                            queue.put((r, t, phase, rank, count / elapsed))
+                        barrier.wait()
+    except Exception as exc:  # noqa: BLE001 - reported by the parent
+        queue.put(("error", f"{type(exc).__name__}: {exc}"))
+        barrier.abort()
+
+
+def thread_probe(model: torch.nn.Module, shape: tuple[int, ...], batch: int = 100,
+                 seconds: float = 2.0, rounds: int = 3, processes: int | None = None,
+                 settings: tuple[int, ...] | None = None) -> dict:  # fmt: skip
+    """Samples/s of ``model`` (fp32, eager, batches of ``batch`` noise images of ``shape``)
+    under each torch thread ``settings`` (default: one per core, and 1), measured in one run:
+
+    * ``one_process``: one process alone (the idle-machine case);
+    * ``concurrent``: the total of ``processes`` (default: one per core) processes running at
+      once (a shared machine, or a worker pool), and ``per_process``, its share.
+
+    The processes are spawned (fresh interpreters, so any thread count is safe) and kept for
+    every phase; phases are interleaved per round and the median round is reported. ``best``
+    names the setting with the highest concurrent total, the one to use on a busy machine."""
+    import multiprocessing as mp
+
+    from arq_gym.threads import configured_threads, cores
+
+    ncores = cores()
+    procs = int(processes or ncores)
+    if settings is None:
+        wanted = [ncores, 1, configured_threads() or 1]
+        settings = tuple(sorted(set(wanted), reverse=True))
+    ctx = mp.get_context("spawn")
+    barrier, queue = ctx.Barrier(procs), ctx.Queue()
+    model = copy.deepcopy(model).float().eval()
+    workers = [ctx.Process(target=_probe_worker, daemon=True,
+                           args=(rank, model, tuple(shape), batch, tuple(settings), seconds,
+                                 rounds, barrier, queue))  # fmt: skip
+               for rank in range(procs)]  # fmt: skip
+    for w in workers:
+        w.start()
+    expected = rounds * len(settings) * (1 + procs)
+    rows = []
+    try:
+        while len(rows) < expected:
+            try:
+                row = queue.get(timeout=120 + 4 * seconds)
+            except Exception as exc:  # queue.Empty: a worker died
+                raise RuntimeError("thread probe: a worker stopped answering") from exc
+            if row[0] == "error":
+                raise RuntimeError(f"thread probe: {row[1]}")
+            rows.append(row)
+    finally:
+        for w in workers:
+            w.join(timeout=10)
+            if w.is_alive():
+                w.terminate()
+    one: dict[str, float] = {}
+    total: dict[str, float] = {}
+    for t in settings:
+        alone = [v for r_, t_, ph, _rk, v in rows if t_ == t and ph == "alone"]
+        sums = [sum(v for r_, t_, ph, _rk, v in rows if t_ == t and ph == "concurrent" and r_ == r)
+                for r in range(rounds)]  # fmt: skip
+        one[str(t)] = round(statistics.median(alone), 1)
+        total[str(t)] = round(statistics.median(sums), 1)
+    best = max(total, key=total.get)
+    return {"cores": ncores, "processes": procs, "batch": batch, "seconds": seconds,
+            "rounds": rounds, "workload": "fp32 eager forward of the base network",
+            "one_process": one, "concurrent": total,
+            "per_process": {k: round(v / procs, 1) for k, v in total.items()},
+            "best": int(best)}  # fmt: skip
+
+
+def model_input_shape(meta: dict) -> tuple[int, int, int]:
+    """``(C, H, W)`` of the images of the checkpoint's dataset (CIFAR-10 when unknown)."""
+    from arq_gym.data import DATASETS
+
+    info = DATASETS.get(meta.get("dataset") or "cifar10") or DATASETS["cifar10"]
+    return tuple(info.shape)
+
+
+def run_thread_probe(cfg: BenchConfig, checkpoint: str | None = None,
+                     log: Callable[[str], None] | None = None) -> dict:  # fmt: skip
+    """Only the thread-setting measurement of :func:`thread_probe` (no data needed)."""
+    model, meta, model_desc = _load_model(checkpoint)
+    if log:
+        log("thread settings: one process and one per core, one thread per core and one each")
+    t0 = time.perf_counter()
+    probe = thread_probe(model, model_input_shape(meta), batch=cfg.batch_size,
+                         seconds=cfg.thread_probe_seconds, rounds=cfg.thread_probe_rounds)  # fmt: skip
+    return {"model": model_desc, "torch": torch.__version__, "thread_settings": probe,
+            "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+
+
 def run_bench(cfg: BenchConfig, checkpoint: str | None = None, data_dir=None,
               cache_dir=None, progress: bool = False,
               log: Callable[[str], None] | None = None) -> dict:  # fmt: skip
@@ -273,9 +410,12 @@ def run_bench(cfg: BenchConfig, checkpoint: str | None = None, data_dir=None,
         find_irs_cache,
         load_or_build_irs_cache,
     )
+    from arq_gym.threads import set_threads
 
     say = log or (lambda _m: None)
-    torch.set_num_threads(int(cfg.threads))
+    if cfg.threads is not None:
+        set_threads(cfg.threads)
+    threads = torch.get_num_threads()
     keep_activation_memory()  # as every certification does (arq_gym.allocator)
     t_all = time.perf_counter()
     model, meta, model_desc = _load_model(checkpoint)
@@ -478,10 +618,16 @@ def run_bench(cfg: BenchConfig, checkpoint: str | None = None, data_dir=None,
             sec = breakdown[f"int8_conv{where}_seconds_per_batch"]
             breakdown[f"int8_conv{where}_limit_fraction"] = (
                 round(conv_flops / sec / (peaks["int8_gflops"] * 1e9), 4) if sec else None)  # fmt: skip
+    thread_settings = None
+    if cfg.thread_probe:
+        say("thread settings: one process and one per core, one thread per core and one each")
+        thread_settings = thread_probe(model, tuple(images.shape[1:]), batch=cfg.batch_size,
+                                       seconds=cfg.thread_probe_seconds,
+                                       rounds=cfg.thread_probe_rounds)  # fmt: skip
     return {
         "model": model_desc,
         "checkpoint_sha256": meta.get("sha256", ""),
-        "threads": int(cfg.threads),
+        "threads": int(threads),
         "torch": torch.__version__,
         "flops_per_sample": int(flops),
         "peak": peaks,
@@ -517,5 +663,6 @@ def run_bench(cfg: BenchConfig, checkpoint: str | None = None, data_dir=None,
         "naive": naive,
         "naive_seconds": None if naive_seconds is None else round(naive_seconds, 4),
         "speedup": None if naive_seconds is None else round(naive_seconds / policy_seconds, 2),
+        "thread_settings": thread_settings,
         "seconds": round(time.perf_counter() - t_all, 1),
     }

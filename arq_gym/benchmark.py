@@ -12,7 +12,8 @@
     summary.json          the per-run results and the leaderboard rows
 
 Up to ``workers`` searches run in parallel processes (``spawn``); each process gets
-``cpu_count // workers`` torch threads. Every search checkpoints after each episode, so an
+``ARQ_GYM_THREADS`` (or ``--threads``) torch threads, by default ``cores // processes``
+(:func:`arq_gym.threads.worker_threads`). Every search checkpoints after each episode, so an
 interrupted benchmark continues with ``resume=True``: finished searches are not run again,
 unfinished ones resume from their last completed episode.
 
@@ -149,9 +150,9 @@ def _prepare(env_id: str, env_kwargs: Mapping[str, Any]) -> None:
 
 
 def _worker_init(threads: int) -> None:
-    import torch
+    from arq_gym.threads import set_threads
 
-    torch.set_num_threads(max(1, threads))
+    set_threads(threads, export=True)  # exported: processes a worker starts inherit it
 
 
 def _run_job(job: dict) -> dict:
@@ -190,7 +191,7 @@ def benchmark(
     names one. Returns ``{"leaderboard": rows, "runs": results, "out": ..., "seconds": ...,
     "skipped": finished runs not repeated}``.
     """
-    import agents as agents_mod
+    from arq_gym import agents as agents_mod
 
     t0 = time.perf_counter()
     agents = list(agents)
@@ -264,9 +265,12 @@ def benchmark(
             import multiprocessing as mp
 
             _prepare(env_id, env_kwargs)
-            threads = max(1, (os.cpu_count() or 1) // workers)
+            from arq_gym.threads import worker_threads
+
+            processes = min(workers, len(jobs))
+            threads = worker_threads(processes)
             with ProcessPoolExecutor(
-                max_workers=min(workers, len(jobs)),
+                max_workers=processes,
                 mp_context=mp.get_context("spawn"),
                 initializer=_worker_init,
                 initargs=(threads,),

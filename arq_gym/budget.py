@@ -12,18 +12,24 @@ Two modes:
   decrement; repeat sweeps until it fits.
 * ``"clip"`` (:func:`clip_bits`, :func:`enforce_clip`): at each step the layer gets the largest
   bit-width not above the request such that the remaining layers can still fit at minimum bits,
-  so the finished policy always fits and never needs a correction.
+  so the finished policy always fits and never needs a correction. With separate weight and
+  activation bits (``bits_mode="wa"``) the larger of the two is lowered first (activations on
+  a tie).
 
 ``keep_first_last`` (bits or None) pins the first and last quantizable layers at that many
 bits for weights and activations; pinned layers are never lowered and count at their pinned
-bits in every cost. A budget below the cost of the all-minimum policy raises
-:class:`BudgetError` (:func:`check_feasible`).
+bits in every cost. A budget below the cost of the all-minimum policy, or above 1 (more than the
+FP32 network costs), raises :class:`BudgetError` (:func:`check_feasible`); a budget at or above
+the cost of the largest allowed policy (:func:`max_policy`) constrains nothing, which
+:func:`unconstrained_budget_message` detects and :class:`~arq_gym.problem.QuantizationProblem`
+warns about once (:class:`BudgetWarning`).
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Sequence
 from fractions import Fraction
 from typing import TYPE_CHECKING
@@ -39,6 +45,10 @@ BUDGET_MODES = ("haq", "clip")
 
 class BudgetError(ValueError):
     """The budget cannot be met (or is not a valid budget); one-line message."""
+
+
+class BudgetWarning(UserWarning):
+    """The budget constrains nothing: every allowed policy fits it; one-line message."""
 
 
 def check_bits_range(bits: Sequence[int]) -> tuple[int, int]:
@@ -70,6 +80,11 @@ def _limit(layers: Sequence[LayerInfo], budget: float) -> Fraction:
         raise BudgetError(f"budget must be a number (fraction of FP32 BOPs), got {budget!r}")
     if not math.isfinite(budget) or budget <= 0:
         raise BudgetError(f"budget must be a finite fraction of FP32 BOPs > 0, got {budget!r}")
+    if budget > 1:
+        raise BudgetError(
+            f"budget {budget:.6g} is above 1: it is a fraction of the FP32 network's BOPs "
+            "(1 = the FP32 cost, 1/64 = uniform W4A4), so it must be in (0, 1]"
+        )
     return Fraction(budget) * fp32_bops(layers)
 
 
@@ -92,13 +107,72 @@ def min_bops(
     return sum(int(lay.macs) * w * a for lay, w, a in zip(layers, p.w_bits, p.a_bits))
 
 
+def max_policy(
+    num_layers: int, bits: Sequence[int] = (2, 8), keep_first_last: int | None = 8
+) -> Policy:
+    """The most expensive allowed policy: every layer at the maximum, pinned layers at their
+    bits."""
+    _, hi = check_bits_range(bits)
+    b = [hi] * num_layers
+    for i, p in pinned_layers(num_layers, keep_first_last).items():
+        b[i] = p
+    return Policy.from_bits(b)
+
+
+def max_bops(
+    layers: Sequence[LayerInfo], bits: Sequence[int] = (2, 8), keep_first_last: int | None = 8
+) -> int:
+    """BOPs of :func:`max_policy`: no allowed policy costs more."""
+    p = max_policy(len(layers), bits, keep_first_last)
+    return sum(int(lay.macs) * w * a for lay, w, a in zip(layers, p.w_bits, p.a_bits))
+
+
+def unconstrained_budget_message(
+    layers: Sequence[LayerInfo],
+    budget: float,
+    bits: Sequence[int] = (2, 8),
+    keep_first_last: int | None = 8,
+) -> str | None:
+    """A one-line explanation if ``budget`` is at or above the cost of :func:`max_policy` (so
+    every allowed policy fits and the budget constrains nothing), else None."""
+    limit = _limit(layers, budget)
+    _, hi = check_bits_range(bits)
+    largest = max_bops(layers, bits, keep_first_last)
+    if largest > limit:
+        return None
+    frac = largest / fp32_bops(layers)
+    pin = "" if keep_first_last is None else f", first/last layers at {keep_first_last}"
+    return (
+        f"budget {budget:.6g} of FP32 BOPs constrains nothing: the largest allowed policy "
+        f"(every layer at {hi} bits{pin}) costs {float(frac):.6g}; pass a smaller budget "
+        f"(e.g. 1/64, uniform W4A4) for a constrained search"
+    )
+
+
+def warn_if_unconstrained(
+    layers: Sequence[LayerInfo],
+    budget: float,
+    bits: Sequence[int] = (2, 8),
+    keep_first_last: int | None = 8,
+    stacklevel: int = 1,
+) -> bool:
+    """Issue a :class:`BudgetWarning` if ``budget`` constrains nothing; return whether it did.
+
+    ``stacklevel`` 1 attributes the warning to the caller of this function."""
+    message = unconstrained_budget_message(layers, budget, bits, keep_first_last)
+    if message is not None:
+        warnings.warn(message, BudgetWarning, stacklevel=stacklevel + 1)
+    return message is not None
+
+
 def check_feasible(
     layers: Sequence[LayerInfo],
     budget: float,
     bits: Sequence[int] = (2, 8),
     keep_first_last: int | None = 8,
 ) -> None:
-    """Raise :class:`BudgetError` if even the all-minimum policy costs more than ``budget``."""
+    """Raise :class:`BudgetError` if even the all-minimum policy costs more than ``budget`` or
+    ``budget`` is not in (0, 1]."""
     limit = _limit(layers, budget)
     lo, _ = check_bits_range(bits)
     cheapest = min_bops(layers, bits, keep_first_last)
@@ -169,65 +243,79 @@ def enforce_haq(
 
 def clip_bits(
     layer_index: int,
-    requested: int,
+    requested: int | tuple[int, int],
     spent_bops: int,
     layers: Sequence[LayerInfo],
     budget: float,
     bits: Sequence[int] = (2, 8),
     keep_first_last: int | None = 8,
-) -> int:
-    """Bits (weights = activations) for layer ``layer_index`` under the "clip" rule.
+) -> int | tuple[int, int]:
+    """Bits for layer ``layer_index`` under the "clip" rule.
 
-    ``spent_bops`` is the cost of layers ``0 .. layer_index-1`` as already chosen. Returns the
-    largest bit-width ``<= requested`` (clipped into ``bits``) such that this layer plus the
-    remaining layers at their minimum (pinned layers at their pinned bits) fit the budget; a
-    pinned layer gets its pinned bits. If nothing fits (only when earlier steps ignored this
-    rule) the minimum is returned.
+    ``spent_bops`` is the cost of layers ``0 .. layer_index-1`` as already chosen. With one
+    requested bit-width (weights = activations, ``bits_mode="tied"``) returns the largest
+    bit-width ``<= requested`` (clipped into ``bits``) such that this layer plus the remaining
+    layers at their minimum (pinned layers at their pinned bits) fit the budget. With a
+    ``(w_bits, a_bits)`` pair (``bits_mode="wa"``) returns a pair: both clipped into ``bits``,
+    then, while the layer does not fit, one bit less for the activations if they have at least
+    as many bits as the weights, else for the weights. A pinned layer gets its pinned bits. If
+    nothing fits (only when earlier steps ignored this rule) the minimum is returned.
     """
     lo, hi = check_bits_range(bits)
     n = len(layers)
     if not 0 <= layer_index < n:
         raise ValueError(f"layer_index {layer_index} is outside [0, {n - 1}]")
     pinned = pinned_layers(n, keep_first_last)
+    pair = isinstance(requested, (tuple, list))
     if layer_index in pinned:
-        return pinned[layer_index]
+        p = pinned[layer_index]
+        return (p, p) if pair else p
     limit = _limit(layers, budget)
     rest = sum(int(layers[j].macs) * pinned.get(j, lo) ** 2 for j in range(layer_index + 1, n))
     m = int(layers[layer_index].macs)
-    b = min(max(int(requested), lo), hi)
-    while b > lo and spent_bops + m * b * b + rest > limit:
-        b -= 1
-    return b
+    if not pair:
+        b = min(max(int(requested), lo), hi)
+        while b > lo and spent_bops + m * b * b + rest > limit:
+            b -= 1
+        return b
+    w, a = (min(max(int(r), lo), hi) for r in requested)
+    while (w > lo or a > lo) and spent_bops + m * w * a + rest > limit:
+        if a >= w and a > lo:
+            a -= 1
+        else:
+            w -= 1
+    return w, a
 
 
 def enforce_clip(
-    requested_bits: Sequence[int],
+    requested_bits: Sequence[int] | Policy,
     layers: Sequence[LayerInfo],
     budget: float,
     bits: Sequence[int] = (2, 8),
     keep_first_last: int | None = 8,
 ) -> Policy:
-    """Apply :func:`clip_bits` step by step to one requested bit-width per layer."""
-    if len(requested_bits) != len(layers):
+    """Apply :func:`clip_bits` step by step: to one requested bit-width per layer, or to the
+    ``(w_bits, a_bits)`` pairs of a :class:`Policy` (a policy with equal weight and activation
+    bits everywhere is clipped as one bit-width per layer)."""
+    policy = (requested_bits if isinstance(requested_bits, Policy)
+              else Policy.from_bits(requested_bits))  # fmt: skip
+    if len(policy) != len(layers):
         raise ValueError(
-            f"{len(requested_bits)} requested bit-widths but the model has {len(layers)} "
+            f"{len(policy)} requested bit-widths but the model has {len(layers)} "
             "quantizable layers"
         )
     lo, hi = check_bits_range(bits)
-    _check_requested(
-        Policy.from_bits(requested_bits),
-        layers,
-        lo,
-        hi,
-        pinned_layers(len(layers), keep_first_last),
-    )
+    _check_requested(policy, layers, lo, hi, pinned_layers(len(layers), keep_first_last))
     check_feasible(layers, budget, bits, keep_first_last)
-    spent, out = 0, []
-    for i, r in enumerate(requested_bits):
-        b = clip_bits(i, r, spent, layers, budget, bits, keep_first_last)
-        out.append(b)
-        spent += int(layers[i].macs) * b * b
-    return Policy.from_bits(out)
+    tied = policy.w_bits == policy.a_bits
+    spent, w_out, a_out = 0, [], []
+    for i, (w, a) in enumerate(zip(policy.w_bits, policy.a_bits)):
+        got = clip_bits(i, w if tied else (w, a), spent, layers, budget, bits, keep_first_last)
+        w, a = (got, got) if tied else got
+        w_out.append(w)
+        a_out.append(a)
+        spent += int(layers[i].macs) * w * a
+    return Policy(tuple(w_out), tuple(a_out))
 
 
 def enforce_budget(
@@ -240,7 +328,8 @@ def enforce_budget(
 ) -> Policy:
     """Enforce ``budget`` with ``mode`` ("haq" or "clip") on a policy or one bit-width per layer.
 
-    For "clip" a :class:`Policy` must have equal weight and activation bits.
+    "clip" takes one bit-width per layer or a :class:`Policy` (separate weight and activation
+    bits, see :func:`enforce_clip`).
     """
     if mode not in BUDGET_MODES:
         raise ValueError(f"unknown budget_mode {mode!r}; known: {', '.join(BUDGET_MODES)}")
@@ -248,8 +337,4 @@ def enforce_budget(
         if not isinstance(requested, Policy):
             requested = Policy.from_bits(requested)
         return enforce_haq(requested, layers, budget, bits, keep_first_last)
-    if isinstance(requested, Policy):
-        if requested.w_bits != requested.a_bits:
-            raise ValueError("budget_mode 'clip' needs equal weight and activation bits per layer")
-        requested = requested.w_bits
     return enforce_clip(requested, layers, budget, bits, keep_first_last)

@@ -45,13 +45,18 @@ def _emit(args, result: dict, human: Callable[[dict], None] | None = None) -> No
 
 
 def _add_data(p):
-    p.add_argument("--data-dir", help="folder holding the datasets (default: search order)")
-    p.add_argument("--download", action="store_true", help="download what is missing")
+    p.add_argument("--data-dir", help="folder holding the datasets (default: ARQ_GYM_DATA, "
+                                      "then the user cache folder)")  # fmt: skip
+    p.add_argument("--download", action="store_true",
+                   help="download what is missing into the user cache folder")  # fmt: skip
+    p.add_argument("--dataset", action="append", default=None, metavar="NAME",
+                   help="check only this dataset (cifar10, fashion_mnist; repeatable)")  # fmt: skip
+    p.epilog = "exits 1 when a dataset asked for (by default: every one) is not found"
 
 
 @command("data", "find or prepare the datasets and report what was found")(_add_data)
 def cmd_data(args) -> dict:
-    from arq_gym.data import DataError, describe, load
+    from arq_gym.data import DataError, describe, user_cache_dir
 
     if args.data_dir is not None:
         from pathlib import Path
@@ -59,11 +64,18 @@ def cmd_data(args) -> dict:
         if not Path(args.data_dir).is_dir():
             raise CLIError(f"data dir {args.data_dir!r} does not exist")
     try:
-        found = describe(args.data_dir, download=args.download or None if args.download else False)
+        found = describe(args.data_dir, download=bool(args.download), names=args.dataset)
     except DataError as exc:
         raise CLIError(str(exc)) from exc
-    del load
-    return {"datasets": found}
+    missing = [d["dataset"] for d in found if "error" in d]
+    if missing:  # reported below the listing; the exit status says it to scripts
+        args.exit_status = 1
+        where = "--data-dir" if args.data_dir else "ARQ_GYM_DATA or the user cache"
+        args.exit_message = (
+            f"{', '.join(missing)} not found in {where}; set ARQ_GYM_DATA=/path/to/datasets "
+            f"or run `arq-gym data --download` (into {user_cache_dir()})"
+        )
+    return {"datasets": found, "missing": missing}
 
 
 def _human_data(res: dict) -> None:
@@ -92,14 +104,42 @@ def cmd_envs(args) -> dict:
     }
     # sigma=None means "the shipped model's default (0.25), or the checkpoint's own sigma"
     defaults["sigma"] = 0.25
-    envs = [{"id": env_id, "kwargs": {**defaults, **spec}} for env_id, spec in ENV_SPECS.items()]
+    envs = []
+    for env_id, spec in ENV_SPECS.items():
+        kwargs = {**defaults, **spec}
+        envs.append({"id": env_id, "kwargs": kwargs, "fidelity": _fidelity_settings(kwargs)})
     return {"envs": envs}
+
+
+#: keyword arguments that override a fidelity preset (None: the preset's value)
+_FIDELITY_OVERRIDES = ("images", "n", "n_p", "alpha")
+
+
+def _fidelity_settings(kwargs: dict) -> dict:
+    """What an id's fidelity means: its preset with the id's overrides applied."""
+    from arq_gym.fidelity import get_fidelity
+
+    fid = get_fidelity(kwargs.get("fidelity", "search"),
+                       **{k: kwargs.get(k) for k in _FIDELITY_OVERRIDES})  # fmt: skip
+    return {"name": fid.name, "images": fid.images, "split": fid.split, "n0": fid.n0, "n": fid.n,
+            "n_p": fid.n_p, "alpha": fid.alpha}  # fmt: skip
 
 
 def _human_envs(res: dict) -> None:
     for env in res["envs"]:
         kw = env["kwargs"]
-        print(f"{env['id']}: " + ", ".join(f"{k}={v!r}" for k, v in kw.items()))
+        fid = env["fidelity"]
+        parts = []
+        for k, v in kw.items():
+            if k in _FIDELITY_OVERRIDES and v is None:
+                continue  # shown resolved, with the fidelity
+            if k == "fidelity":
+                parts.append(f"fidelity={v!r} (images={fid['images']} {fid['split']}, "
+                             f"n0={fid['n0']}, n={fid['n']}, n_p={fid['n_p']}, "
+                             f"alpha={fid['alpha']})")  # fmt: skip
+            else:
+                parts.append(f"{k}={v!r}")
+        print(f"{env['id']}: " + ", ".join(parts))
 
 
 # --------------------------------------------------------------------------- train
@@ -154,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
         add(p)
         p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+        p.add_argument("--threads", default=None, metavar="N",
+                       help="torch threads per process, workers included (default: "
+                            "$ARQ_GYM_THREADS, else one per core; workers get cores // workers)")
     return parser
 
 
@@ -161,12 +204,27 @@ def _load_commands() -> None:
     """Import modules that register further commands (kept lazy for a fast --help)."""
     import importlib
 
-    for mod in ("arq_gym.cli_certify", "arq_gym.cli_search", "arq_gym.cli_bench"):
+    for mod in ("arq_gym.cli_certify", "arq_gym.cli_search", "arq_gym.cli_bench",
+                "arq_gym.cli_finetune", "arq_gym.cli_nipq"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as exc:
             if exc.name != mod:
                 raise
+
+
+def _apply_threads(args) -> None:
+    """Honour ``--threads N`` (exported as ``ARQ_GYM_THREADS`` for the processes the command
+    starts) or ``ARQ_GYM_THREADS``; ``args.threads`` becomes the int or None (unset)."""
+    from arq_gym.threads import ThreadsError, parse_threads, set_threads, use_configured_threads
+
+    try:
+        if args.threads is not None:
+            args.threads = set_threads(parse_threads(args.threads, "--threads"), export=True)
+        else:
+            args.threads = use_configured_threads()
+    except ThreadsError as exc:
+        raise CLIError(str(exc)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by long-running commands
     _add, fn, _help = COMMANDS[args.command]
     try:
+        _apply_threads(args)
         result = fn(args)
     except (CLIError, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -184,7 +243,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"arq-gym {args.command}: interrupted", file=sys.stderr)
         return 130
     _emit(args, result, _HUMAN.get(args.command))
-    return 0
+    if getattr(args, "exit_message", None):  # a command that reports and then fails
+        print(f"arq-gym {args.command}: error: {args.exit_message}", file=sys.stderr)
+    return int(getattr(args, "exit_status", 0))
 
 
 if __name__ == "__main__":  # pragma: no cover

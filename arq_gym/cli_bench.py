@@ -15,7 +15,10 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
         default=None,
         help="base model checkpoint (default: the shipped ResNet-20, sigma 0.25)",
     )
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--threads-only", action="store_true",
+                   help="measure only the thread settings (seconds; needs no data)")
+    p.add_argument("--no-thread-probe", action="store_true",
+                   help="skip the thread settings measurement")  # fmt: skip
     p.add_argument("--images", type=int, default=None, help="images certified (default 100)")
     p.add_argument(
         "--fp-n",
@@ -43,10 +46,9 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
 def cmd_bench_speed(args) -> dict:
     from pathlib import Path
 
-    from arq_gym.bench_speed import BenchConfig, quick_config, run_bench
+    from arq_gym.bench_speed import BenchConfig, quick_config, run_bench, run_thread_probe
 
-    if args.threads < 1:
-        raise CLIError(f"--threads must be >= 1, got {args.threads}")
+    # --threads / ARQ_GYM_THREADS are applied by arq_gym.cli.main (args.threads: int or None)
     cfg = quick_config(args.threads) if args.quick else BenchConfig(threads=args.threads)
     for name, attr in (("images", "images"), ("fp_n", "fp_n"), ("n_p", "n_p"),
                        ("agreement_samples", "agreement_samples")):  # fmt: skip
@@ -61,6 +63,8 @@ def cmd_bench_speed(args) -> dict:
         cfg.compile = False
     if args.no_naive:
         cfg.naive = False
+    if args.no_thread_probe:
+        cfg.thread_probe = False
     if args.checkpoint is not None and not Path(args.checkpoint).is_file():
         raise CLIError(f"checkpoint {args.checkpoint!r} does not exist")
 
@@ -68,6 +72,10 @@ def cmd_bench_speed(args) -> dict:
         if not args.no_progress:
             print(f"bench-speed: {msg}", file=sys.stderr, flush=True)
 
+    if args.threads_only:
+        if args.no_thread_probe:
+            raise CLIError("--threads-only and --no-thread-probe exclude each other")
+        return run_thread_probe(cfg, checkpoint=args.checkpoint, log=log)
     return run_bench(cfg, checkpoint=args.checkpoint, data_dir=args.data_dir,
                      cache_dir=None if args.cache_dir is None else Path(args.cache_dir),
                      progress=not args.no_progress, log=log)  # fmt: skip

@@ -140,13 +140,16 @@ def _load_model(args):
         else:
             sigma = 0.25 if args.sigma is None else args.sigma
             model, meta = load_shipped(args.model, args.dataset, sigma)
-    except (ZooError, CheckpointError) as exc:
+    except ZooError as exc:  # the zoo advises the gym.make keyword; say the flag here
+        raise CLIError(str(exc.advise("pass --checkpoint PATH to certify your own"))) from exc
+    except CheckpointError as exc:
         raise CLIError(str(exc)) from exc
     return model, meta
 
 
-def _quantize(args, model, sigma: float, splits, device):
-    """Wrap the model per --policy/--uniform (helper module arq_gym.quant); returns
+def _quantize(args, model, sigma: float, splits, device, quantization=None):
+    """Wrap the model per --policy/--uniform, or per the policy of a quantized checkpoint
+    (``quantization``: its record, :mod:`arq_gym.finetune`); returns
     (model, bops_fraction, description)."""
     from arq_gym.cost import bops_fraction
     from arq_gym.policy import Policy, load_policy
@@ -156,9 +159,18 @@ def _quantize(args, model, sigma: float, splits, device):
         raise CLIError(f"--calib-images must be >= 1, got {args.calib_images}")
     # the same calibration as arq_gym.problem: seeded draw of training images, noise seed 0
     calib = calibration_images(splits.train, args.calib_images, seed=0)
-    qmodel = QuantizedModel(model, calib, sigma, seed=0)
+    try:
+        qmodel = QuantizedModel(model, calib, sigma, seed=0, quantization=quantization)
+    except ValueError as exc:
+        raise CLIError(f"checkpoint {args.checkpoint}: {exc}") from exc
     layers = qmodel.layers
-    if args.policy:
+    if quantization and (args.policy or args.uniform is not None):
+        raise CLIError(f"checkpoint {args.checkpoint} is fine-tuned for its own policy; omit "
+                       "--policy/--uniform (or certify its base model with them)")  # fmt: skip
+    if quantization:
+        policy = qmodel.checkpoint_policy
+        desc = "fine-tuned policy of the checkpoint"
+    elif args.policy:
         policy, _doc = load_policy(args.policy, layers)
         desc = f"policy {args.policy}"
     else:
@@ -249,8 +261,9 @@ def cmd_certify(args) -> dict:
     labels = subset.y.astype(np.int64)
     model = model.to(device).eval()
 
-    if args.policy or args.uniform is not None:
-        net, bops_frac, what = _quantize(args, model, sigma, splits, device)
+    if args.policy or args.uniform is not None or meta.get("quantization"):
+        net, bops_frac, what = _quantize(args, model, sigma, splits, device,
+                                         meta.get("quantization"))  # fmt: skip
     else:
         net, bops_frac, what = model, 1.0, "fp32"
     progress = not args.quiet

@@ -48,6 +48,9 @@ def _add_search(p: argparse.ArgumentParser) -> None:
     p.add_argument("--agent", default="arq-ddpg", help=_AGENT_HELP)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-tensorboard", action="store_true", help="do not write DIR/tb")
+    p.add_argument("--final-chunk", type=int, default=None, metavar="K",
+                   help="test images certified between saved checkpoints of the final evaluation "
+                        "(default: as many as fit 250,000 forward passes, at most 25)")  # fmt: skip
 
 
 @command("search", "search mixed-precision policies with an agent (writes CSV, JSON, "
@@ -62,6 +65,7 @@ def cmd_search(args) -> dict:
         resume=args.resume, final_eval=args.final_eval, final_images=args.final_images,
         final_n=args.final_n, final_n0=args.final_n0, final_alpha=args.final_alpha,
         progress=not args.no_progress, tensorboard=not args.no_tensorboard,
+        final_chunk=args.final_chunk,
     )  # fmt: skip
 
 
@@ -101,7 +105,8 @@ def _add_table(p: argparse.ArgumentParser) -> None:
         "--rows",
         default="fp32,w8a8,w4a4,haq,arq,random",
         help="comma-separated rows: fp32, w8a8, w4a4, haq (arq-ddpg, reward clean_accuracy), "
-        "arq (arq-ddpg, reward acr), random, or any agent name (an ACR search by it)",
+        "arq (arq-ddpg, reward acr), random, nipq (needs --finetune-epochs), or any agent name "
+        "(an ACR search by it)",
     )
     p.add_argument("--episodes", type=int, default=200, help="episodes per search (default 200)")
     p.add_argument("--seed", type=int, default=0, help="seed of every search")
@@ -114,6 +119,12 @@ def _add_table(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n0", type=int, default=100, help="selection samples (default 100)")
     p.add_argument("--alpha", type=float, default=0.001, help="failure probability (default 0.001)")
     p.add_argument("--chunk", type=int, default=25, help="images certified between checkpoints")
+    p.add_argument("--finetune-epochs", type=int, default=None, metavar="E",
+                   help="also fine-tune every quantized row for E epochs (rows <row>+ft) and give "
+                        "the nipq row E epochs of training")  # fmt: skip
+    p.add_argument("--finetune-kwargs", nargs="*", default=[], metavar="K=V",
+                   help="other fine-tuning settings for those rows, e.g. lr=0.005 "
+                        "train_images=5000")  # fmt: skip
     p.add_argument("--resume", action="store_true", help="finish the table in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -130,7 +141,10 @@ def cmd_table(args) -> dict:
     parts = ["arq-gym", "table", "--env", args.env, "--rows", args.rows, "--episodes",
              args.episodes, "--seed", args.seed, "--images", args.images, "--n", args.n, "--n0",
              args.n0, "--alpha", args.alpha, "--out", args.out]  # fmt: skip
-    for flag, items in (("--env-kwargs", args.env_kwargs), ("--agent-kwargs", args.agent_kwargs)):
+    if args.finetune_epochs is not None:
+        parts += ["--finetune-epochs", args.finetune_epochs]
+    for flag, items in (("--env-kwargs", args.env_kwargs), ("--agent-kwargs", args.agent_kwargs),
+                        ("--finetune-kwargs", args.finetune_kwargs)):  # fmt: skip
         parts += [flag, *items] if items else []
     command = " ".join(shlex.quote(str(p)) for p in parts)
     return results_table(
@@ -139,4 +153,6 @@ def cmd_table(args) -> dict:
         agent_kwargs=parse_kwargs(args.agent_kwargs, "agent-kwargs"),
         images=args.images, n=args.n, n0=args.n0, alpha=args.alpha, chunk=args.chunk,
         resume=args.resume, progress=not args.no_progress, command=command,
+        finetune_epochs=args.finetune_epochs,
+        finetune_kwargs=parse_kwargs(args.finetune_kwargs, "finetune-kwargs"),
     )  # fmt: skip

@@ -2,23 +2,51 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "dumps", "json_default", "portable_path"]
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "dumps",
+    "file_mode",
+    "json_default",
+    "portable_path",
+]
+
+
+def file_mode() -> int:
+    """The mode ``open(path, "w")`` would give a new file: ``0o666`` less the process umask.
+
+    The umask is read from ``/proc/self/status`` where there is one (``os.umask`` has no
+    read-only call, and setting it briefly would race with threads creating files)."""
+    mask = None
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Umask:"):
+                mask = int(line.split()[1], 8)
+                break
+    if mask is None:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and
     ``os.replace``: readers see the old file or the new one, never half of one. The parent
-    folder is created if needed."""
+    folder is created if needed. The file gets the mode a plain ``open(path, "w")`` would
+    (``0o666`` less the umask), not ``mkstemp``'s 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates the file 0600; give it the mode a plain open() would (umask honoured)
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

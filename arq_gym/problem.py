@@ -51,6 +51,7 @@ from arq_gym.budget import (
     clip_bits,
     enforce_budget,
     pinned_layers,
+    warn_if_unconstrained,
 )
 from arq_gym.cost import bops, fp32_bops
 from arq_gym.fidelity import Fidelity, get_fidelity
@@ -151,7 +152,8 @@ class QuantizationProblem:
         splits: the dataset (:func:`arq_gym.data.load`); the evaluation subset is taken from the
             fidelity's split, the calibration images from the training split.
         sigma: noise level of the smoothed classifier (default: ``meta["sigma"]``).
-        budget: BOPs budget as a fraction of the FP32 network's BOPs (1/64 = uniform W4A4).
+        budget: BOPs budget as a fraction of the FP32 network's BOPs (1/64 = uniform W4A4), in
+            (0, 1].
         bits: ``(min, max)`` bit-widths an agent may choose.
         keep_first_last: bits of the first and last layers (weights and activations), or None
             to search them too.
@@ -174,7 +176,12 @@ class QuantizationProblem:
         progress: show progress bars while building the IRS cache.
 
     Raises:
-        BudgetError: the budget cannot be met even with every layer at the minimum bits.
+        BudgetError: the budget cannot be met even with every layer at the minimum bits, or
+            it is above 1 (more than the FP32 network costs).
+
+    Warns:
+        BudgetWarning: (once per problem and budget settings) the budget is at or above the
+            cost of the largest allowed policy, so it constrains nothing.
     """
 
     def __init__(
@@ -241,7 +248,9 @@ class QuantizationProblem:
             self.quantized = _QUANTIZED.get(qkey)
         if self.quantized is None:
             calib = calibration_images_of(splits.train, self.calibration_images, seed=0)
-            self.quantized = QuantizedModel(self.model, calib, self.sigma, seed=0)
+            # a quantized checkpoint (arq-gym finetune) brings its learned activation ranges
+            self.quantized = QuantizedModel(self.model, calib, self.sigma, seed=0,
+                                            quantization=self.meta.get("quantization"))  # fmt: skip
             self.quantized.to(self.device).eval()
             self.quantized.set_backend(backend if self.device.type == "cpu" else "reference")
             with _MEMO_LOCK:
@@ -280,6 +289,8 @@ class QuantizationProblem:
         self.budget = float(budget)
         self.budget_mode = budget_mode
         check_feasible(self.layers, self.budget, self.bits, self.keep_first_last)
+        # once per problem/config: make_problem memoises problems by their budget settings
+        warn_if_unconstrained(self.layers, self.budget, self.bits, self.keep_first_last)
         self.pinned = pinned_layers(len(self.layers), self.keep_first_last)
         self.macs = [int(layer.macs) for layer in self.layers]
         self.fp32_bops = fp32_bops(self.layers)
@@ -335,7 +346,7 @@ class QuantizationProblem:
         return f"{self.checkpoint_sha256[:16]}_{self.fidelity.key}{suffix}.npz"
 
     def _load_irs_cache(self):
-        from arq_gym.smoothing import IRSCache, build_irs_cache, load_or_build_irs_cache
+        from arq_gym.smoothing import IRSCache, load_or_build_irs_cache
 
         expected = self._irs_expected()
         shipped = SHIPPED_CACHE_DIR / self.irs_cache_name()
@@ -354,21 +365,67 @@ class QuantizationProblem:
             root = user_cache_dir() / "irs"
         path = root / self.irs_cache_name()
         f = self.fidelity
+        parts = path.with_name(path.name + ".parts")  # finished chunks of an interrupted build
 
         def build():
-            return build_irs_cache(
-                self.model, self.images, self.labels, self.sigma, n0=f.n0, n=f.n, alpha=f.alpha,
-                n_p_max=f.n_p, seed=self.seed, batch_size=self.batch_size, device=self.device,
+            from arq_gym.smoothing.chunked import auto_chunk, build_irs_cache_chunked
+
+            chunk = auto_chunk(f.n0, f.n)
+            self._announce_irs_build(shipped, path, parts, chunk)
+            return build_irs_cache_chunked(
+                self.model, self.images, self.labels, self.sigma, parts_dir=parts, chunk=chunk,
+                image_keys=self.data_indices, n0=f.n0, n=f.n, alpha=f.alpha, n_p_max=f.n_p,
+                seed=self.seed, batch_size=self.batch_size, device=self.device,
                 progress=self.progress, checkpoint_sha256=self.checkpoint_sha256,
                 data_sha256=self.data_sha256, num_classes=self.num_classes,
-                image_keys=self.data_indices,
             )  # fmt: skip
 
         cache = load_or_build_irs_cache(path, expected, build)
         if not self._keys_match(cache):  # noise addressed by other image keys: rebuild
             cache = build()
             cache.save(path)
+        if parts.is_dir():
+            import shutil
+
+            shutil.rmtree(parts, ignore_errors=True)
         return cache, path
+
+    def _announce_irs_build(self, shipped: Path, path: Path, parts: Path, chunk: int) -> None:
+        """Say once, before the FP32 network's certification starts, what is certified, why
+        (no shipped cache fits), about how long it takes here and where the cache goes."""
+        from arq_gym.files import portable_path
+        from arq_gym.smoothing import read_cache_meta
+        from arq_gym.smoothing.chunked import (
+            chunks_done_irs,
+            format_duration,
+            forward_passes,
+            measure_rate,
+            say,
+        )
+
+        f = self.fidelity
+        why = "no shipped IRS cache fits this checkpoint and fidelity"
+        meta = read_cache_meta(shipped) if shipped.is_file() else None
+        if meta is not None and meta.get("checkpoint_sha256") == self.checkpoint_sha256:
+            if meta.get("data_sha256") != self.data_sha256:
+                why = (f"this copy of {self.dataset} differs from the one the shipped IRS caches "
+                       f"were built from (subset sha256 {self.data_sha256[:12]}, shipped "
+                       f"{str(meta.get('data_sha256'))[:12]})")  # fmt: skip
+            else:
+                why = "the shipped IRS cache was built with other settings (seed, n, alpha)"
+        done = chunks_done_irs(parts, self.data_indices, chunk)
+        todo = forward_passes(len(self.labels) - done, f.n0, f.n)
+        try:
+            rate = measure_rate(self.model, self.images, self.sigma, self.batch_size, self.device)
+            eta = f"about {format_duration(todo / rate)} at {rate:,.0f} images/s measured here"
+        except Exception as exc:  # noqa: BLE001 - an estimate only
+            eta = f"time unknown ({type(exc).__name__})"
+        resumed = f"; {done} of {len(self.labels)} images already done" if done else ""
+        say(f"arq-gym: {why}: certifying the FP32 {self.architecture} (sigma {self.sigma:g}) "
+            f"once on {len(self.labels)} {f.split} images of {self.dataset} with n0={f.n0:,}, "
+            f"n={f.n:,}: {todo:,} forward passes, {eta}{resumed}. The cache goes to "
+            f"{portable_path(path)} and later runs reuse it; an interrupted build resumes from "
+            f"its last chunk of {chunk} images ({portable_path(parts)}).")  # fmt: skip
 
     def _keys_match(self, cache) -> bool:
         return np.array_equal(np.asarray(cache.image_keys), self.data_indices)
@@ -395,16 +452,20 @@ class QuantizationProblem:
         """BOPs of layers ``index ..`` at their cheapest bit-widths."""
         return sum(self.macs[j] * self.min_bits_of(j) ** 2 for j in range(index, self.num_layers))
 
-    def step_bits(self, index: int, requested: int, spent_bops: int) -> int:
+    def step_bits(self, index: int, requested: int | tuple[int, int],
+                  spent_bops: int) -> int | tuple[int, int]:  # fmt: skip
         """Bits layer ``index`` gets during an episode: its pinned bits, else ``requested``
         clipped into ``bits`` and, in "clip" mode, lowered so that the rest still fits
-        (``spent_bops``: cost of the layers before it)."""
-        if index in self.pinned:
-            return self.pinned[index]
-        if self.budget_mode == "clip":
+        (``spent_bops``: cost of the layers before it). ``requested`` is one bit-width for
+        weights and activations (returns an int) or a ``(w_bits, a_bits)`` pair (returns a
+        pair; see :func:`arq_gym.budget.clip_bits`)."""
+        if self.budget_mode == "clip" or index in self.pinned:
             return clip_bits(index, requested, spent_bops, self.layers, self.budget, self.bits,
                              self.keep_first_last)  # fmt: skip
-        return int(min(max(int(requested), self.bits[0]), self.bits[1]))
+        lo, hi = self.bits
+        if isinstance(requested, (tuple, list)):
+            return tuple(int(min(max(int(r), lo), hi)) for r in requested)
+        return int(min(max(int(requested), lo), hi))
 
     def enforce(self, requested: Policy | Sequence[int]) -> Policy:
         """The policy that is certified for ``requested`` (a Policy or one bit-width per layer):
@@ -423,9 +484,6 @@ class QuantizationProblem:
                 w[i] = a[i] = self.pinned[i]
             else:
                 w[i], a[i] = min(max(w[i], lo), hi), min(max(a[i], lo), hi)
-        if self.budget_mode == "clip" and w != a:
-            # clip mode works on one bit-width per layer; use the smaller of the two
-            w = a = [min(x, y) for x, y in zip(w, a)]
         policy = Policy(tuple(w), tuple(a))
         return enforce_budget(policy, self.layers, self.budget, self.budget_mode, self.bits,
                               self.keep_first_last)  # fmt: skip

@@ -672,6 +672,12 @@ class QuantizedModel(nn.Module):
     (all bits 32). ``apply(policy)`` rewrites the quantized weights in place from the stored
     float weights (only layers whose weight bits changed) and sets the activation quantizers;
     no copy of the model is made. Move it with ``.to(device)`` like any module.
+
+    ``quantization`` is the ``quantization`` record of a quantized checkpoint written by
+    ``arq-gym finetune`` (:mod:`arq_gym.finetune`): its learned activation ranges replace the
+    calibrated ones at the bit-widths it was fine-tuned for, so that applying
+    :attr:`checkpoint_policy` gives the fine-tuned network (weights are quantized from the
+    checkpoint's latent float weights by the same rule as always).
     """
 
     def __init__(
@@ -685,6 +691,7 @@ class QuantizedModel(nn.Module):
         seed: int = 0,
         batch_size: int = 256,
         backend: str = "reference",
+        quantization: dict | None = None,
     ):
         super().__init__()
         if backend not in BACKENDS:
@@ -726,6 +733,9 @@ class QuantizedModel(nn.Module):
         ).to(device)
         for m, aq in zip(self._targets, self.act_quant):
             m.register_forward_pre_hook(aq.pre_hook)
+        self.quantization = None
+        if quantization:
+            self._use_learned_ranges(quantization)
         n = len(self.layers)
         self._w_now = [FLOAT_BITS] * n
         self._a_now = [FLOAT_BITS] * n
@@ -783,6 +793,34 @@ class QuantizedModel(nn.Module):
                 }
             ranges.append(r)
         return ranges, signed
+
+    def _use_learned_ranges(self, record: dict) -> None:
+        """Take a quantized checkpoint's ``quantization`` record (:mod:`arq_gym.finetune`):
+        its learned activation ranges replace the calibrated ones at the bits it was trained
+        for, with its signedness; other bit-widths keep their calibrated ranges."""
+        names = record.get("layers")
+        if names is not None and list(names) != [layer.name for layer in self.layers]:
+            raise ValueError("the checkpoint's quantization record names other layers than the "
+                             "model has")  # fmt: skip
+        a_bits, ranges = record["a_bits"], record["act_ranges"]
+        signed = record.get("act_signed") or [None] * len(ranges)
+        if not len(a_bits) == len(ranges) == len(self.layers):
+            raise ValueError(f"the quantization record covers {len(ranges)} layers, the model "
+                             f"has {len(self.layers)}")  # fmt: skip
+        for aq, b, r, s in zip(self.act_quant, a_bits, ranges, signed):
+            if r is None or b == FLOAT_BITS:
+                continue
+            if s is not None:
+                aq.signed = bool(s)
+            aq.ranges[int(b)] = float(r)
+        self.quantization = dict(record)
+
+    @property
+    def checkpoint_policy(self) -> Policy | None:
+        """The policy a quantized checkpoint was fine-tuned for (None for a base model)."""
+        if not self.quantization:
+            return None
+        return Policy(tuple(self.quantization["w_bits"]), tuple(self.quantization["a_bits"]))
 
     # ------------------------------------------------------------------ policies
     @property

@@ -19,6 +19,8 @@
 ``final.json``         full certification of the best policy on test images, with the FP32
                        network's figures beside it (``final_eval=True``, the default)
 ``state.pkl``          the checkpoint ``resume=True`` continues from
+``final.parts/``       finished chunks of a final evaluation still in progress (removed once
+                       ``final.json`` is written; ``resume=True`` continues from them)
 =====================  =================================================================
 
 Resume: after every completed episode (every learn call for SB3 agents) the agent's state and
@@ -135,9 +137,12 @@ def _record(episode: int, reward: float, info: Mapping[str, Any], seconds: float
         v = info.get(key)
         return float(v) if isinstance(v, (int, float, np.number)) else float("nan")
 
-    def bits(key: str) -> list[int]:
+    def bits(key: str) -> list:
+        # one bit-width per layer, or [w_bits, a_bits] pairs (requested, bits_mode="wa")
         v = info.get(key)
-        return [int(b) for b in v] if v is not None else []
+        if v is None:
+            return []
+        return [[int(x) for x in b] if isinstance(b, (list, tuple)) else int(b) for b in v]
 
     cert = info.get("certified_accuracy") or {}
     return {
@@ -167,8 +172,8 @@ def _csv_row(rec: Mapping[str, Any], radii: Sequence[str]) -> list[Any]:
     row = []
     for key in CSV_FIELDS:
         v = rec[key]
-        if isinstance(v, list):
-            v = " ".join(map(str, v))
+        if isinstance(v, list):  # bits per layer; a pair as "w/a"
+            v = " ".join("/".join(map(str, b)) if isinstance(b, list) else str(b) for b in v)
         elif isinstance(v, bool):
             v = int(v)
         elif isinstance(v, float):
@@ -278,6 +283,8 @@ def final_evaluation(
     seed: int = 0,
     progress: bool = True,
     out: str | os.PathLike | None = None,
+    chunk: int | None = None,
+    announce: bool = True,
 ) -> dict[str, Any]:
     """Full certification (CERTIFY, not IRS) of the policy on ``images`` evenly spaced test
     images, and of the FP32 network on the same images with the same noise.
@@ -285,15 +292,25 @@ def final_evaluation(
     The FP32 figures are cached in ``problem.cache_dir/final_fp32/`` when the problem has a
     cache folder (a benchmark certifies the FP32 network once). With ``out`` given, the
     per-image TSVs (Cohen layout) are written beside the summary.
+
+    Both certifications are saved every ``chunk`` images (default :func:`auto_chunk`: at most
+    about 250,000 forward passes) in ``out/final.parts/`` (the FP32 one beside its cached
+    figures when there is a cache folder), so a rerun with the same arguments continues where
+    an interrupted one stopped, losing at most one chunk. With ``announce``, one line on
+    stderr says beforehand what is certified, its forward passes and about how long they take
+    (a rate measured on a few batches).
     """
     import torch
 
     from arq_gym import data as data_mod
     from arq_gym.policy import Policy
-    from arq_gym.smoothing import certify
+    from arq_gym.smoothing.chunked import auto_chunk
 
     if images < 1 or n < 1 or n0 < 1:
         raise SearchError("final evaluation needs images, n and n0 >= 1")
+    if chunk is not None and chunk < 1:
+        raise SearchError(f"the final evaluation's chunk must be >= 1, got {chunk}")
+    chunk = auto_chunk(n0, n) if chunk is None else int(chunk)
     splits = data_mod.load(problem.dataset, data_dir=data_dir)
     test = splits.test
     if images > len(test):
@@ -306,27 +323,59 @@ def final_evaluation(
                   seed=seed, image_keys=idx, device=problem.device, progress=progress,
                   num_classes=problem.num_classes)  # fmt: skip
     policy = Policy(tuple(w_bits), tuple(a_bits))
-    t0 = time.perf_counter()
     problem.quantized.apply(policy)
-    with torch.inference_mode():
-        cert_q = certify(problem.quantized, x, y, **common)
-    seconds_q = time.perf_counter() - t0
+    if hasattr(problem, "_warm_up"):  # the function certified is known once it is built
+        problem._warm_up(policy)
+        problem.quantized.apply(policy)
+    sub_sha = sub.sha256()
+    ident = {"checkpoint_sha256": problem.checkpoint_sha256, "data_sha256": sub_sha,
+             "sigma": problem.sigma, "n0": n0, "n": n, "alpha": alpha, "seed": seed}  # fmt: skip
+    q_ident = {**ident, "network": "quantized", "function": getattr(problem, "function_id", None),
+               "w_bits": list(policy.w_bits), "a_bits": list(policy.a_bits)}  # fmt: skip
+    fp_ident = {**ident, "network": "fp32"}
+    parts_root = None if out is None else Path(out) / "final.parts"
 
-    fp_key = f"{problem.checkpoint_sha256[:16]}_{sub.sha256()[:16]}_s{problem.sigma}_n0{n0}_n{n}_a{alpha}_seed{seed}"
+    fp_key = f"{problem.checkpoint_sha256[:16]}_{sub_sha[:16]}_s{problem.sigma}_n0{n0}_n{n}_a{alpha}_seed{seed}"
     fp_path = None if problem.cache_dir is None else (
         Path(problem.cache_dir) / "final_fp32" / f"{fp_key}.json")  # fmt: skip
     fp = None
     if fp_path is not None and fp_path.is_file():
         with contextlib.suppress(Exception):
             fp = json.loads(fp_path.read_text())
+    if fp_path is not None:
+        fp_parts = fp_path.with_name(f"{fp_key}.parts")
+    else:
+        fp_parts = None if parts_root is None else parts_root / "fp32"
+    q_parts = None if parts_root is None else parts_root / "quantized"
+
+    jobs = [("the best policy", problem.quantized, q_parts, q_ident)]
+    if fp is None:
+        jobs.append(("the FP32 network", problem.model, fp_parts, fp_ident))
+    if announce:
+        _announce_final(jobs, x, problem, images, n0, n, alpha, chunk, idx)
+
+    def run(net, parts, ident_, desc):
+        from arq_gym.smoothing import certify, certify_chunked
+
+        with torch.inference_mode():
+            if parts is None:
+                return certify(net, x, y, **common)
+            return certify_chunked(net, x, y, parts_dir=parts, ident=ident_, chunk=chunk,
+                                   desc=desc, **common)  # fmt: skip
+
+    t0 = time.perf_counter()
+    cert_q = run(problem.quantized, q_parts, q_ident, "final: best policy")
+    seconds_q = time.perf_counter() - t0
     cert_fp = None
     if fp is None:
-        with torch.inference_mode():
-            cert_fp = certify(problem.model, x, y, **common)
+        cert_fp = run(problem.model, fp_parts, fp_ident, "final: FP32")
         fp = cert_fp.summary()
         if fp_path is not None:
             fp_path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(fp_path, dumps(fp))
+            import shutil
+
+            shutil.rmtree(fp_parts, ignore_errors=True)
     if out is not None:
         out = Path(out)
         cert_q.to_tsv(out / "final_quantized.tsv")
@@ -340,6 +389,43 @@ def final_evaluation(
         "bops_fraction": bops_fraction(problem.layers, policy),
         "quantized": cert_q.summary(), "fp32": fp, "seconds": seconds_q,
     }  # fmt: skip
+
+
+def _announce_final(jobs, x, problem, images, n0, n, alpha, chunk, idx) -> None:
+    """One line on stderr before the final evaluation: what, forward passes, time, where."""
+    from arq_gym.smoothing.chunked import (
+        chunks_done,
+        format_duration,
+        forward_passes,
+        measure_rate,
+        say,
+    )
+
+    names, passes, seconds, rates, resumed = [], 0, 0.0, [], []
+    for name, net, parts, ident in jobs:
+        done = 0 if parts is None else chunks_done(parts, ident, images, chunk, idx)
+        todo = forward_passes(images - done, n0, n)
+        names.append(name)
+        passes += todo
+        if done:
+            resumed.append(f"{done} of {images} images of {name} already done")
+        if todo:
+            try:
+                rate = measure_rate(net, x, problem.sigma, problem.batch_size, problem.device)
+            except Exception:  # noqa: BLE001 - an estimate only
+                rate = float("nan")
+            rates.append(f"{rate:,.0f}")
+            seconds += todo / rate
+    eta = f"about {format_duration(seconds)} here (measured {' and '.join(rates)} images/s)" \
+        if rates and math.isfinite(seconds) else "time unknown"  # fmt: skip
+    dirs = [str(parts) for _name, _net, parts, _ident in jobs if parts is not None]
+    where = ("; not saved as it goes (no output folder)" if not dirs else
+             f"; saved every {chunk} images ({', '.join(dirs)}), so an interrupted run continues "
+             "from its last chunk with --resume")  # fmt: skip
+    extra = f" ({'; '.join(resumed)})" if resumed else ""
+    say(f"final evaluation: full CERTIFY of {' and '.join(names)} on {images} test images "
+        f"(n0={n0:,}, n={n:,}, alpha={alpha:g}): {passes:,} forward passes to go{extra}, "
+        f"{eta}{where}")  # fmt: skip
 
 
 # ---------------------------------------------------------------------- the search
@@ -407,6 +493,7 @@ def search(
     final_alpha: float = 0.001,
     progress: bool = True,
     tensorboard: bool = True,
+    final_chunk: int | None = None,
 ) -> dict[str, Any]:
     """Run ``agent`` on ``gym.make(env_id, **env_kwargs)`` for ``episodes`` episodes.
 
@@ -414,15 +501,17 @@ def search(
     ``search.json``: ``best_reward``, ``best_policy`` (path of best_policy.json), ``w_bits``,
     ``a_bits``, ``best_episode``, ``episodes``, ``seconds`` (wall time over all sessions),
     ``evaluations``, ``cache_hits``, ``out`` and, with ``final_eval``, ``final`` (summary of
-    final.json).
+    final.json). The final evaluation is announced on stderr with its cost and saved every
+    ``final_chunk`` images (default: :func:`~arq_gym.smoothing.chunked.auto_chunk`), so
+    ``resume`` continues an interrupted one (see :func:`final_evaluation`).
 
     Raises :class:`SearchError` (a ValueError) with a one-line message for bad input: unknown
     env id or agent, an agent that cannot drive the env's action space, an output folder that
     holds another run without ``resume`` or a different run with it. Nothing is written then.
     """
 
-    import agents as agents_mod
     import arq_gym  # noqa: F401 - registers the envs
+    from arq_gym import agents as agents_mod
 
     env_kwargs = dict(env_kwargs or {})
     agent_kwargs = dict(agent_kwargs or {})
@@ -435,6 +524,9 @@ def search(
                 raise SearchError(f"--{name} must be a positive integer, got {v!r}")
         if not 0 < final_alpha < 0.5:
             raise SearchError(f"--final-alpha must be in (0, 0.5), got {final_alpha!r}")
+        if final_chunk is not None and (isinstance(final_chunk, bool) or not isinstance(
+                final_chunk, (int, np.integer)) or final_chunk < 1):  # fmt: skip
+            raise SearchError(f"--final-chunk must be a positive integer, got {final_chunk!r}")
     out = Path(out)
     agents_mod.get(agent)  # a bad agent name fails before anything is built or written
     prev = _check_out(out, resume)
@@ -449,18 +541,31 @@ def search(
                               f"{config[k]!r}; choose another --out")  # fmt: skip
 
     env = make_env(env_id, env_kwargs)
+    config["action_space"] = str(env.action_space)
+    if prev is None or "action_space" in prev:
+        same = prev is None or prev["action_space"] == config["action_space"]
+    else:  # recorded before bits_mode existed: one bit-width per layer
+        same = getattr(env.unwrapped, "bits_mode", "tied") == "tied"
+    if not same:
+        env.close()
+        was = prev.get("action_space", "one bit-width per layer (before bits_mode existed)")
+        raise SearchError(f"output dir {out} holds a run whose env had action space {was}, "
+                          f"not {config['action_space']}; resume it with the env kwargs it was "
+                          "made with (runs made before bits_mode existed: add "
+                          "--env-kwargs bits_mode=tied) or choose another --out")  # fmt: skip
     try:
         return _run(env, env_id, agent, int(episodes), int(seed), out, config, env_kwargs,
                     agent_kwargs, final_eval, final_images, final_n, final_n0, final_alpha,
-                    progress, tensorboard)  # fmt: skip
+                    progress, tensorboard, final_chunk)  # fmt: skip
     finally:
         env.close()
 
 
 def _run(env, env_id, agent_name, episodes, seed, out, config, env_kwargs, agent_kwargs,
-         final_eval, final_images, final_n, final_n0, final_alpha, progress, tensorboard):  # fmt: skip
-    import agents as agents_mod
+         final_eval, final_images, final_n, final_n0, final_alpha, progress, tensorboard,
+         final_chunk=None):  # fmt: skip
     from arq_gym import __version__
+    from arq_gym import agents as agents_mod
 
     agent = agents_mod.make(agent_name, env, seed=seed, **agent_kwargs)
     state = _read_state(out / "state.pkl")
@@ -595,7 +700,7 @@ def _run(env, env_id, agent_name, episodes, seed, out, config, env_kwargs, agent
     # final evaluation on test images
     if final_eval:
         result["final"] = _final(out, problem, best, final_images, final_n, final_n0,
-                                 final_alpha, env_kwargs, progress)  # fmt: skip
+                                 final_alpha, env_kwargs, progress, final_chunk)  # fmt: skip
     atomic_write_text(out / "search.json", dumps(result))
     return result
 
@@ -655,7 +760,8 @@ def _write_policy(path: Path, best: Mapping[str, Any], layers, problem, env_id: 
         atomic_write_text(path, dumps(doc))
 
 
-def _final(out: Path, problem, best, images, n, n0, alpha, env_kwargs, progress) -> dict:
+def _final(out: Path, problem, best, images, n, n0, alpha, env_kwargs, progress,
+           chunk=None) -> dict:  # fmt: skip
     path = out / "final.json"
     settings = {"images": images, "n": n, "n0": n0, "alpha": alpha}
     if path.is_file():
@@ -674,10 +780,13 @@ def _final(out: Path, problem, best, images, n, n0, alpha, env_kwargs, progress)
     doc = final_evaluation(problem, best["w_bits"], best["a_bits"], images=images, n=n, n0=n0,
                            alpha=alpha, data_dir=env_kwargs.get("data_dir"),
                            seed=int(getattr(problem, "seed", 0)), progress=progress,
-                           out=out)  # fmt: skip
+                           out=out, chunk=chunk)  # fmt: skip
     doc["search_reward"] = best["reward"]
     doc["search_episode"] = best["episode"]
     atomic_write_text(path, dumps(doc))
+    import shutil
+
+    shutil.rmtree(out / "final.parts", ignore_errors=True)  # finished: the chunks are in final.json
     return _final_summary(doc)
 
 

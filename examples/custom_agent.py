@@ -20,7 +20,7 @@ path or a module on ``sys.path``::
 What ``arq-gym search`` needs from a class: ``__init__(env, seed=0, **hyperparameters)`` and
 ``run_episode() -> (reward, terminal info)``. For ``--resume`` it pickles the object's
 attributes (the env excluded); define ``state_dict()`` / ``load_state_dict(state)`` to control
-that. Subclass ``agents.Agent`` instead to use the step-level loop protocol (``act``,
+that. Subclass ``arq_gym.agents.Agent`` instead to use the step-level loop protocol (``act``,
 ``observe``, ``end_episode``).
 """
 

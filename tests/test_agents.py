@@ -14,10 +14,10 @@ import pytest
 import toy_env
 from gymnasium import spaces
 
-import agents
-from agents.arq_ddpg import ARQDDPG, DDPGConfig
-from agents.base import Agent, episode_length
-from agents.random_search import RandomSearch
+from arq_gym import agents
+from arq_gym.agents.arq_ddpg import ARQDDPG, DDPGConfig
+from arq_gym.agents.base import Agent, episode_length
+from arq_gym.agents.random_search import RandomSearch
 
 RANDOM_MEAN = 1.0 - (1 / 3 + float(np.mean(toy_env.TARGETS**2)))  # expected reward of random
 
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class DuckAgent:
-    """A user's agent that knows nothing of agents.Agent (duck typing)."""
+    """A user's agent that knows nothing of arq_gym.agents.Agent (duck typing)."""
 
     def __init__(self, env, seed=0, step=0.1):
         self.env, self.rng, self.step, self.count = env, np.random.default_rng(seed), step, 0
@@ -57,7 +57,7 @@ def test_get_builtins_and_available():
     assert agents.get("random") is RandomSearch
     for name in agents.available():
         assert issubclass(agents.get(name), Agent)
-    assert agents.get("agents.random_search:RandomSearch") is RandomSearch
+    assert agents.get("arq_gym.agents.random_search:RandomSearch") is RandomSearch
 
 
 @pytest.mark.parametrize(
@@ -65,8 +65,8 @@ def test_get_builtins_and_available():
     [
         ("no-such-agent", "unknown agent 'no-such-agent'; built-ins: arq-ddpg"),
         ("no_such_module_xyz:Agent", "cannot import module 'no_such_module_xyz'"),
-        ("agents.random_search:Nope", "has no attribute 'Nope'"),
-        ("agents.random_search:__all__", "is not a class"),
+        ("arq_gym.agents.random_search:Nope", "has no attribute 'Nope'"),
+        ("arq_gym.agents.random_search:__all__", "is not a class"),
         ("test_agents:NotAnAgent", "neither the Agent interface"),
         ("missing/file.py:Agent", "does not exist"),
         (":Agent", "import path must look like"),
@@ -279,7 +279,7 @@ def test_sb3_dqn_on_discrete_env():
 
 
 def test_sb3_defaults_documented_values():
-    from agents.sb3 import defaults
+    from arq_gym.agents.sb3 import defaults
 
     env = toy()
     ppo = defaults("ppo", env)

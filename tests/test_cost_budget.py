@@ -11,12 +11,17 @@ from hypothesis import strategies as st
 
 from arq_gym.budget import (
     BudgetError,
+    BudgetWarning,
     check_feasible,
     clip_bits,
     enforce_budget,
     enforce_clip,
     enforce_haq,
+    max_bops,
+    max_policy,
     min_bops,
+    unconstrained_budget_message,
+    warn_if_unconstrained,
 )
 from arq_gym.cost import bops, bops_fraction, fp32_bops, policy_bops, size_bits, total_macs
 from arq_gym.models import build
@@ -63,9 +68,9 @@ pin = st.sampled_from([None, 8, 6, 32])
 
 
 def _budget_between(layers, bits, keep, u: float) -> float:
-    """A feasible budget: between the all-minimum fraction and ~1.1 of FP32."""
-    lo = min_bops(layers, bits, keep) / fp32_bops(layers) * (1 + 1e-12)  # float rounding
-    return lo + u * (1.1 - lo)
+    """A feasible budget: between the all-minimum fraction and 1 (the FP32 cost)."""
+    lo = min(min_bops(layers, bits, keep) / fp32_bops(layers) * (1 + 1e-12), 1.0)  # rounding
+    return lo + u * (1.0 - lo)
 
 
 @settings(max_examples=200, deadline=None)
@@ -148,6 +153,55 @@ def test_infeasible_budget(r20):
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(BudgetError, match="budget must be"):
             check_feasible(r20, bad)
+
+
+@pytest.mark.parametrize("budget", [2, 1.5, 1 + 1e-9])
+def test_budget_above_one_is_refused(r20, budget):
+    """More than the FP32 network costs is no budget: refused in one line everywhere."""
+    match = r"budget .* is above 1: it is a fraction of the FP32 network's BOPs .* \(0, 1\]"
+    with pytest.raises(BudgetError, match=match) as e:
+        check_feasible(r20, budget)
+    assert "\n" not in str(e.value)
+    for call in (lambda: enforce_haq(Policy.uniform(20, 4, 8), r20, budget),
+                 lambda: enforce_clip([4] * 20, r20, budget),
+                 lambda: clip_bits(1, 4, 0, r20, budget),
+                 lambda: unconstrained_budget_message(r20, budget)):  # fmt: skip
+        with pytest.raises(BudgetError, match="above 1"):
+            call()
+    check_feasible(r20, 1.0)  # exactly the FP32 cost is a (useless but valid) budget
+
+
+def test_largest_allowed_policy_and_unconstrained_budgets(r20):
+    assert max_policy(4, (2, 6), 8) == Policy((8, 6, 6, 8), (8, 6, 6, 8))
+    assert max_policy(3, (3, 5), None) == Policy.uniform(3, 5, None)
+    layers = fake_layers([100, 100, 100])
+    assert max_bops(layers, (2, 6), 8) == 100 * (64 + 36 + 64)
+    # ResNet-20, bits (2, 8): every layer at 8 bits (pinned or not) is W8A8 = 1/16 of FP32
+    assert max_bops(r20, (2, 8), 8) * 16 == fp32_bops(r20) == max_bops(r20, (2, 8), None) * 16
+    assert unconstrained_budget_message(r20, 1 / 64) is None
+    assert unconstrained_budget_message(r20, 0.0624) is None
+    msg = unconstrained_budget_message(r20, 1 / 16)  # exactly W8A8: nothing is excluded
+    assert msg == ("budget 0.0625 of FP32 BOPs constrains nothing: the largest allowed policy "
+                   "(every layer at 8 bits, first/last layers at 8) costs 0.0625; pass a smaller "
+                   "budget (e.g. 1/64, uniform W4A4) for a constrained search")  # fmt: skip
+    assert "every layer at 8 bits)" in unconstrained_budget_message(r20, 1.0, (2, 8), None)
+    # a narrower range lowers the largest policy: W4A4 everywhere costs exactly 1/64
+    assert "costs 0.015625" in unconstrained_budget_message(r20, 1 / 64, (2, 4), None)
+    assert unconstrained_budget_message(r20, 1 / 64, (2, 4), 8) is None  # pinned 8-bit layers
+    # pinned layers count at their bits: at 32 bits the first and last layers cost more
+    at32 = unconstrained_budget_message(r20, 0.9, (2, 8), 32)
+    assert at32 is not None and "first/last layers at 32" in at32
+    assert unconstrained_budget_message(r20, 0.07, (2, 8), 32) is None
+    with pytest.warns(BudgetWarning, match="constrains nothing") as rec:
+        assert warn_if_unconstrained(r20, 0.5) is True
+    assert len(rec) == 1 and rec[0].filename == __file__  # attributed to the caller
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert warn_if_unconstrained(r20, 1 / 64) is False
+    # an unconstrained budget changes nothing in enforcement: the request is kept
+    assert enforce_haq(Policy.uniform(20, 8, 8), r20, 1 / 16) == Policy.uniform(20, 8, 8)
 
 
 def test_bad_inputs(r20):

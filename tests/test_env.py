@@ -18,7 +18,9 @@ from arq_gym.envs import ENV_SPECS, register_envs
 from arq_gym.envs.arq_env import OBSERVATION_FEATURES, ARQEnv, bits_from_action
 from arq_gym.policy import Policy
 
-SMOKE = {"fidelity": "smoke", "device": "cpu"}
+# these tests drive one bit-width per layer (bits_mode="tied", the v0 action space); the
+# separate weight/activation bits of the default mode are tested in test_bits_mode.py
+SMOKE = {"fidelity": "smoke", "device": "cpu", "bits_mode": "tied"}
 CONTRACT_INFO_KEYS = {
     "w_bits", "a_bits", "requested_bits", "bops", "bops_fraction", "budget", "acr",
     "certified_accuracy", "clean_accuracy", "abstain_rate", "fp_acr", "reward_name",
@@ -120,7 +122,7 @@ def test_lenet_spaces_and_episode(lenet_kw):
     u = env.unwrapped
     assert isinstance(u, ARQEnv) and u.num_layers == 5
     assert env.action_space == gym.spaces.Box(-1, 1, (1,), np.float32)
-    assert env.observation_space.shape == (len(OBSERVATION_FEATURES),) == (12,)
+    assert env.observation_space.shape == (len(OBSERVATION_FEATURES),) == (13,)
     assert env.observation_space.dtype == np.float32
     rewards, infos, observations = run_episode(env, [action_for_bits(4)] * 5)
     assert rewards[:4] == [0.0] * 4 and type(rewards[-1]) is float
@@ -148,7 +150,8 @@ def test_observation_features(lenet_kw):
     assert col["kernel"][0] == 1.0 and col["kernel"][2] == 0.0  # conv 5x5 vs linear
     assert col["feature_map"][0] == 1.0 and col["depthwise"].max() == 0.0
     assert col["c_in"].min() == 0.0 and col["c_in"].max() == 1.0
-    np.testing.assert_allclose(col["previous_bits"], [1, 1, 0, 0.5, 1 / 6, 4 / 6], rtol=1e-6)
+    for name in ("previous_w_bits", "previous_a_bits"):  # tied: both the same
+        np.testing.assert_allclose(col[name], [1, 1, 0, 0.5, 1 / 6, 4 / 6], rtol=1e-6)
     budget = float(p.budget_bops)
     spent = np.cumsum([0] + [m * b * b for m, b in zip(p.macs, (8, 2, 5, 3, 6))])
     np.testing.assert_allclose(col["budget_spent"], np.minimum(spent / budget, 1), rtol=1e-5)
@@ -221,6 +224,7 @@ def test_same_policy_same_reward_across_instances_and_resets(lenet_kw):
 # ---------------------------------------------------------------------- certificate equality
 
 
+@pytest.mark.filterwarnings("ignore::arq_gym.budget.BudgetWarning")  # 1/16 admits all: wanted
 @pytest.mark.parametrize("bits", [4, 8])
 def test_uniform_policy_through_env_equals_certify_incremental(bits, resnet_kw):
     from arq_gym.smoothing import certify_incremental
@@ -264,15 +268,17 @@ def test_reward_names(reward, expected, lenet_kw):
 
 
 def test_budget_bits_keep_first_last_and_clip_mode(lenet_kw):
-    env = gym.make("ARQ-LeNet5-v0", budget=0.05, bits=(3, 6), keep_first_last=8,
+    # budget 0.035 lies between the cheapest (0.024) and the largest (0.043) allowed policy
+    env = gym.make("ARQ-LeNet5-v0", budget=0.035, bits=(3, 6), keep_first_last=8,
                    budget_mode="clip", **lenet_kw)  # fmt: skip
     assert env.action_space == gym.spaces.Box(-1, 1, (1,), np.float32)
     _, infos, obs = run_episode(env, [np.array([1.0], np.float32)] * 5)
     info = infos[-1]
-    assert info["budget"] == 0.05 and info["bops_fraction"] <= 0.05
+    assert info["budget"] == 0.035 and info["bops_fraction"] <= 0.035
     assert info["requested_bits"] == [6] * 5
     assert info["w_bits"][0] == 8 == info["w_bits"][-1]
     assert all(3 <= b <= 6 for b in info["w_bits"][1:-1])
+    assert info["w_bits"][1:-1] != [6, 6, 6]  # the budget binds: some request was clipped
     # clip mode: the bits chosen during the episode are the enforced ones
     assert [i["bits"] for i in infos[:-1]] == info["w_bits"][:-1]
     assert info["w_bits"] == info["a_bits"]
@@ -290,7 +296,10 @@ def test_discrete_actions(lenet_kw):
     assert env.action_space == gym.spaces.Discrete(5)
     _, infos, _ = run_episode(env, [0, np.int64(1), 2, np.array(3), np.array([4])])
     assert infos[-1]["requested_bits"] == [2, 3, 4, 5, 6]
-    _, infos, _ = run_episode(env, [9, -3, 0, 0, 0])  # out of range: clipped
+    # continuous actions out of [-1, 1] stay clipped (exploration noise leaves the box)
+    cont = gym.make("ARQ-LeNet5-v0", bits=(2, 6), **lenet_kw)
+    _, infos, _ = run_episode(cont, [np.array([9.0], np.float32), np.array([-3.0], np.float32)]
+                              + [np.zeros(1, np.float32)] * 3)  # fmt: skip
     assert infos[-1]["requested_bits"][:2] == [6, 2]
 
 
@@ -380,6 +389,51 @@ def test_render_ansi_table(lenet_kw):
     assert gym.make("ARQ-LeNet5-v0", **lenet_kw).unwrapped.render() is None
 
 
+def test_render_rgb_array_image(resnet_kw):
+    env = gym.make("ARQ-ResNet20-v0", render_mode="rgb_array", **resnet_kw)
+    assert "rgb_array" in env.metadata["render_modes"] and "ansi" in env.metadata["render_modes"]
+    env.reset(seed=0)
+    start = env.render()
+    assert isinstance(start, np.ndarray) and start.dtype == np.uint8
+    assert start.shape == (400, 640, 3)
+    assert start.min() < 100 and start.max() == 255  # something is drawn on white
+
+    def image_after(actions):
+        env.reset(seed=0)
+        for a in actions:
+            env.step(a)
+        return env.render()
+
+    low = image_after([action_for_bits(2)] * 5)
+    high = image_after([action_for_bits(8)] * 5)
+    assert low.shape == high.shape == start.shape
+    assert not np.array_equal(low, start) and not np.array_equal(low, high)
+
+    def coloured(img):  # coloured (not grey) pixels of the bits panel's left half
+        r, g, b = (img[30:240, 60:330].astype(int)[..., c] for c in range(3))
+        return int(((abs(r - g) > 60) | (abs(g - b) > 60)).sum())
+
+    # layers 1-4 at 8 bits fill more of the panel with bars than at 2 bits
+    assert coloured(high) > coloured(low) > coloured(start)
+    assert np.array_equal(image_after([action_for_bits(8)] * 5), high)  # deterministic
+    final = image_after([action_for_bits(4)] * 20)  # the enforced policy and its certificate
+    assert final.shape == start.shape and not np.array_equal(final, high)
+    # gym.make builds "rgb_array_list" on top of it
+    frames = gym.make("ARQ-ResNet20-v0", render_mode="rgb_array_list", **resnet_kw)
+    frames.reset(seed=0)
+    frames.step(action_for_bits(4))
+    listed = frames.render()
+    assert isinstance(listed, list) and len(listed) == 2 and listed[0].shape == (400, 640, 3)
+
+
+def test_unsupported_render_mode_warns_and_renders_nothing(lenet_kw):
+    with pytest.warns(UserWarning, match="render_mode='vr'.*render\\(\\) will return None"):
+        env = ARQEnv(**{**ENV_SPECS["ARQ-LeNet5-v0"], **lenet_kw}, render_mode="vr")
+    env.reset()
+    env.step(np.zeros(1, np.float32))
+    assert env.render() is None
+
+
 # ---------------------------------------------------------------------- bad input
 
 
@@ -412,6 +466,50 @@ def test_bad_discrete_actions(lenet_kw):
         env.step(float("nan"))
     with pytest.raises(ValueError, match="shape"):
         env.step([1, 2])
+    env.step(0)  # the env is still usable
+
+
+@pytest.mark.parametrize("action", [99, -1, 7, np.int64(-3), np.array(12), np.array([7]), 7.0])
+def test_discrete_actions_outside_the_space_are_errors(action, lenet_kw):
+    env = ARQEnv(**{**ENV_SPECS["ARQ-LeNet5-v0"], **lenet_kw}, action_type="discrete")
+    assert env.action_space == gym.spaces.Discrete(7)  # bits 2 .. 8
+    assert not env.action_space.contains(np.int64(np.asarray(action).reshape(-1)[0]))
+    env.reset()
+    with pytest.raises(ValueError, match=r"discrete action -?\d+ is outside the action space "
+                       r"Discrete\(7\) \(0 \.\. 6 = 2 \.\. 8 bits\)") as err:  # fmt: skip
+        env.step(action)
+    assert "\n" not in str(err.value)
+    _, _, _, _, info = env.step(6)  # the env is still usable; the edges are in the space
+    assert info["requested_bits"] == 8
+    assert env.step(np.int64(0))[4]["requested_bits"] == 2
+
+
+def test_budget_above_one_or_constraining_nothing(lenet_kw):
+    """Above 1 is refused in one line; at or above the largest allowed policy's cost it warns,
+    once per budget setting (LeNet-5, bits (2, 8), nothing pinned: the largest costs 1/16)."""
+    from arq_gym.budget import BudgetError, BudgetWarning
+
+    for budget in (2, 1.5):
+        with pytest.raises(BudgetError, match=f"budget {budget:g} is above 1") as err:
+            gym.make("ARQ-LeNet5-v0", budget=budget, **lenet_kw)
+        assert "\n" not in str(err.value)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        env = gym.make("ARQ-LeNet5-v0", budget=0.75, **lenet_kw)
+        again = gym.make("ARQ-LeNet5-v0", budget=0.75, **lenet_kw)  # same problem: no repeat
+        constrained = gym.make("ARQ-LeNet5-v0", budget=1 / 17, **lenet_kw)  # below 1/16
+    budget_warnings = [w for w in caught if issubclass(w.category, BudgetWarning)]
+    assert [str(w.message) for w in budget_warnings] == [
+        "budget 0.75 of FP32 BOPs constrains nothing: the largest allowed policy (every layer "
+        "at 8 bits) costs 0.0625; pass a smaller budget (e.g. 1/64, uniform W4A4) for a "
+        "constrained search"
+    ]
+    assert again.unwrapped.problem is env.unwrapped.problem
+    # at the largest policy's cost it still warns: W8A8 everywhere fits exactly
+    with pytest.warns(BudgetWarning, match="budget 0.0625 of FP32 BOPs constrains nothing"):
+        env.unwrapped.problem.with_options(budget=1 / 16)
+    _, infos, _ = run_episode(constrained, [np.ones(1, np.float32)] * 5)
+    assert infos[-1]["w_bits"] != [8] * 5  # 1/17 constrains: the all-8 request is lowered
 
 
 def test_step_before_reset_and_after_the_end(lenet_kw):
@@ -426,15 +524,15 @@ def test_step_before_reset_and_after_the_end(lenet_kw):
         env.step(np.zeros(1, np.float32))
 
 
-@pytest.mark.filterwarnings("ignore:.*render_mode='human'")
 @pytest.mark.parametrize(
     ("kwargs", "exc", "match"),
     [
         ({"reward": "loss"}, ValueError, "unknown reward 'loss'; choose one of acr, "),
         ({"action_type": "binary"}, ValueError, "unknown action_type 'binary'"),
-        ({"render_mode": "human"}, ValueError, "unsupported render_mode 'human'"),
         ({"reward_radius": -1}, ValueError, "reward_radius must be"),
         ({"budget": 0.001}, ValueError, "infeasible"),
+        ({"budget": 2}, ValueError, "budget 2 is above 1: it is a fraction of the FP32"),
+        ({"budget": 1.0000001}, ValueError, "must be in \\(0, 1\\]"),
         ({"sigma": 0.3}, ValueError, "no shipped lenet5 for sigma 0.3; shipped sigmas: 0.25, 0.5"),
         ({"fidelity": "smoke", "n_p": 5000}, ValueError, "must not exceed n"),
         ({"checkpoint": "/nonexistent/model.pt"}, Exception, "does not exist"),
@@ -450,6 +548,7 @@ def test_bad_kwargs_are_one_line_errors(kwargs, exc, match, lenet_kw):
         assert isinstance(err.value, BudgetError)
 
 
+@pytest.mark.filterwarnings("ignore::arq_gym.budget.BudgetWarning")  # 0.07 admits all: wanted
 @pytest.mark.parametrize("bits", [4, 8])
 def test_uniform_policy_through_env_equals_the_certify_command(bits, lenet_kw, capsys):
     """`arq-gym certify --uniform B --incremental` on the smoke subset gives the env's numbers."""

@@ -308,11 +308,11 @@ def test_warm_up_falls_back_to_eager_int8_when_compilation_fails(resnet_q, monke
         assert qm(torch.rand(2, 3, 32, 32)).shape == (2, 10)
 
 
-def test_bench_speed_quick_json(tmp_path, capsys):
+def test_bench_speed_quick_json(tmp_path, capsys, data_dir):
     from arq_gym.cli import main
 
     rc = main(["bench-speed", "--quick", "--json", "--no-progress", "--images", "2",
-               "--cache-dir", str(tmp_path)])  # fmt: skip
+               "--cache-dir", str(tmp_path), "--data-dir", str(data_dir)])  # fmt: skip
     assert rc == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("policy_seconds", "naive_seconds", "speedup", "samples_per_second",

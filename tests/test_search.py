@@ -224,7 +224,8 @@ def lenet_kwargs():
 
     data = shared_datasets()
     if data is None:
-        pytest.skip("real datasets not found: set ARQ_GYM_DATA")
+        pytest.skip("real datasets not found: set ARQ_GYM_DATA=/path/to/datasets or run "
+                    "`arq-gym data --download`")  # fmt: skip
     return {"fidelity": "smoke", "data_dir": str(data)}
 
 

@@ -20,12 +20,17 @@ SMALL = dict(env_kwargs={"fidelity": "smoke"}, episodes=2, images=6, n=100, n0=1
              progress=False)  # fmt: skip
 
 
-def test_table_rows_columns_and_test_images(tmp_path, data_dir):
+def test_table_rows_columns_and_test_images(tmp_path, data_dir, capsys):
     out = tmp_path / "table"
     argv = ["table", "--env", "ARQ-LeNet5-v0", "--rows", "fp32,w4a4,arq,random", "--episodes", "2",
             "--images", "6", "--n", "100", "--n0", "10", "--chunk", "4", "--out", str(out),
             "--env-kwargs", "fidelity=smoke", f"data_dir={data_dir}", "--no-progress"]  # fmt: skip
     assert main(argv) == 0
+    said = [x for x in capsys.readouterr().err.splitlines() if x.startswith("table row ")]
+    assert [x.split(":")[0] for x in said] == [f"table row {r}" for r in ("fp32", "w4a4", "arq",
+                                                                           "random")]  # fmt: skip
+    assert all(f"{6 * 110:,} forward passes to go" in x and "saved every 4 images" in x
+               for x in said)  # fmt: skip
     res = json.loads((out / "results.json").read_text())
     assert [r["row"] for r in res["rows"]] == ["fp32", "w4a4", "arq", "random"]
     with open(out / "table.csv", newline="") as f:
@@ -38,7 +43,8 @@ def test_table_rows_columns_and_test_images(tmp_path, data_dir):
     assert w4["bops_percent"] == pytest.approx(100 / 64)  # LeNet: every layer at 4 bits
     assert res["rows"][2]["search_episodes"] == 2 and res["rows"][2]["reward_name"] == "acr"
     md = (out / "table.md").read_text()
-    for text in ("| method | clean acc. | cert. acc. r=0.25 | r=0.5 | r=0.75 | ACR | ACR (% of FP32) | BOPs",
+    for text in ("| method | clean acc. | cert. acc. r=0.25 | r=0.5 | r=0.75 | ACR [95% interval] "
+                 "| ACR (% of FP32) | ACR - FP32 [95% interval] | BOPs (% of FP32) | training |",
                  "| FP32 |", "| uniform W4A4 |", "| ARQ search (reward acr) |",
                  "Command: `arq-gym table --env ARQ-LeNet5-v0", "Machine:", "6 test images"):
         assert text in md, text
@@ -116,3 +122,37 @@ def test_bad_table_input_is_one_clear_error(tmp_path, data_dir):
                                 **(kw | {"images": 10_001}))  # fmt: skip
     for name in "abcd":
         assert not (tmp_path / name).exists(), name
+
+
+def test_finetuned_rows_and_nipq_row(tmp_path, data_dir):
+    """--finetune-epochs adds <row>+ft rows certified through their quantized checkpoints, and
+    the nipq row trains with the same budget; every row has an ACR interval."""
+    out = tmp_path / "table"
+    kw = dict(SMALL, env_kwargs={"fidelity": "smoke", "data_dir": str(data_dir)})
+    ft_kw = {"train_images": 1000, "val_images": 200}
+    res = table_mod.results_table("ARQ-LeNet5-v0", out, rows="fp32,w4a4,nipq", finetune_epochs=2,
+                                  finetune_kwargs=ft_kw, **kw)  # fmt: skip
+    rows = {r["row"]: r for r in res["rows"]}
+    assert list(rows) == ["fp32", "w4a4", "w4a4+ft", "nipq"]
+    ft, w4, nq = rows["w4a4+ft"], rows["w4a4"], rows["nipq"]
+    assert ft["w_bits"] == w4["w_bits"] and ft["train_epochs"] == 2 and ft["train_seconds"] > 0
+    assert nq["train_epochs"] == 2 and nq["bops_percent"] <= 100 / 64 + 1e-9
+    assert len(nq["learned_w_bits"]) == 5
+    ident = json.loads((out / "certs" / "w4a4+ft.json").read_text())["ident"]
+    assert ident["checkpoint_sha256"] != json.loads(
+        (out / "certs" / "w4a4.json").read_text())["ident"]["checkpoint_sha256"]  # fmt: skip
+    assert (out / "finetune" / "w4a4" / "model.pt").is_file()
+    for r in res["rows"]:
+        assert r["acr_low"] <= r["acr"] <= r["acr_high"]
+        assert r["acr_minus_fp32_low"] <= r["acr_minus_fp32"] <= r["acr_minus_fp32_high"]
+    assert rows["fp32"]["acr_minus_fp32"] == 0
+    md = (out / "table.md").read_text()
+    assert "fine-tuned 2 ep." in md and "| NIPQ (learned bits) |" in md and "learned bits" in md
+    # resumed: nothing is trained or certified again
+    stamp = (out / "finetune" / "w4a4" / "finetune.json").stat().st_mtime_ns
+    again = table_mod.results_table("ARQ-LeNet5-v0", out, rows="fp32,w4a4,nipq",
+                                    finetune_epochs=2, finetune_kwargs=ft_kw, resume=True, **kw)  # fmt: skip
+    assert [r["acr"] for r in again["rows"]] == [r["acr"] for r in res["rows"]]
+    assert (out / "finetune" / "w4a4" / "finetune.json").stat().st_mtime_ns == stamp
+    with pytest.raises(SearchError, match="--finetune-epochs"):
+        table_mod.results_table("ARQ-LeNet5-v0", tmp_path / "t2", rows="fp32,nipq", **kw)

@@ -3,7 +3,8 @@
 Where the data is looked for, in order (the first root holding a known layout wins):
 
 1. an explicit ``data_dir`` argument (``--data-dir`` on the command line),
-2. the ``ARQ_GYM_DATA`` environment variable,
+2. the ``ARQ_GYM_DATA`` environment variable (folders separated by ``os.pathsep``; a folder
+   there that does not exist is an error, not skipped),
 3. the user cache directory (``$ARQ_GYM_CACHE`` or ``$XDG_CACHE_HOME/arq-gym`` or
    ``~/.cache/arq-gym``), where downloads land,
 4. for Fashion-MNIST also ``/usr/share/datasets/fashion-mnist`` (Debian package
@@ -27,7 +28,9 @@ from arq_gym.data.core import (
     DatasetInfo,
     Split,
     Splits,
+    data_roots,
     describe,
+    find_root,
     load,
     user_cache_dir,
 )
@@ -38,7 +41,9 @@ __all__ = [
     "DatasetInfo",
     "Split",
     "Splits",
+    "data_roots",
     "describe",
+    "find_root",
     "load",
     "user_cache_dir",
 ]

@@ -166,13 +166,43 @@ def _roots(data_dir: str | os.PathLike | None) -> list[Path]:
                 "CIFAR-10 or Fashion-MNIST (see `arq-gym data --help`)"
             )
         return [root]
+    return data_roots()
+
+
+def data_roots() -> list[Path]:
+    """The folders searched for datasets when no ``data_dir`` is given, in order: each folder
+    of ``ARQ_GYM_DATA`` (``os.pathsep``-separated), then :func:`user_cache_dir`.
+
+    A set ``ARQ_GYM_DATA`` that names no existing folder is a :class:`DataError`: a typo there
+    would otherwise send every command to the cache, or to a download, without a word."""
     roots = []
     if env := os.environ.get("ARQ_GYM_DATA"):
         for part in env.split(os.pathsep):
-            if part and Path(part).expanduser().is_dir():
-                roots.append(Path(part).expanduser())
+            if not part:
+                continue
+            root = Path(part).expanduser()
+            if not root.is_dir():
+                raise DataError(
+                    f"ARQ_GYM_DATA names {part!r}, which is not a folder; set it to the folder "
+                    "holding the datasets, or unset it to use the user cache "
+                    f"({user_cache_dir()}, where `arq-gym data --download` puts them)"
+                )
+            roots.append(root)
     roots.append(user_cache_dir())
     return roots
+
+
+def find_root(name: str, data_dir: str | os.PathLike | None = None) -> Path | None:
+    """The folder :func:`load` would read dataset ``name`` from (``data_dir`` or the first of
+    :func:`data_roots` holding it), or None when no folder holds it. Never downloads."""
+    name = canonical_name(name)
+    roots = _roots(data_dir)
+    if name == "fashion_mnist" and data_dir is None:
+        roots.append(_SYSTEM_FASHION)
+    for root in roots:
+        if root.is_dir() and _FINDERS[name](root):
+            return root
+    return None
 
 
 # --------------------------------------------------------------------------- locating sources
@@ -227,8 +257,8 @@ def locate(name: str, data_dir=None, download: bool | None = None) -> tuple[Path
     looked = ", ".join(str(r) for r in roots)
     if not download:
         raise DataError(
-            f"{name} not found in {looked}; put the official archive there, set ARQ_GYM_DATA, "
-            "or allow the download"
+            f"{name} not found in {looked}; point at it with ARQ_GYM_DATA=/path/to/datasets, "
+            "or run `arq-gym data --download` to fetch it into the user cache"
         )
     dest_root = user_cache_dir()
     try:
@@ -423,10 +453,13 @@ def load(
     )
 
 
-def describe(data_dir=None, download: bool | None = False) -> list[dict]:
-    """Summaries of every dataset found (used by ``arq-gym data``)."""
+def describe(data_dir=None, download: bool | None = False, names=None) -> list[dict]:
+    """Summaries of the datasets ``names`` (default: every one), used by ``arq-gym data``; a
+    dataset that is not found has an ``error`` entry instead."""
+    if data_dir is None:
+        data_roots()  # a set but missing ARQ_GYM_DATA is one error, not one per dataset
     out = []
-    for name in DATASETS:
+    for name in [canonical_name(n) for n in names] if names else DATASETS:
         try:
             out.append(load(name, data_dir, download=download).summary())
         except DataError as exc:

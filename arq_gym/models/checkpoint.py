@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -15,6 +17,25 @@ CHECKPOINT_FORMAT = "arq-checkpoint/1"
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt, or not what it claims to be."""
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, at most 160 characters."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _load_failure(exc: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in a few words (torch's own
+    message is a page of advice about ``weights_only=False`` that does not apply here)."""
+    text = str(exc)
+    if found := re.search(r"Unsupported global: GLOBAL ([\w.]+)", text):
+        return f"it holds a Python object ({found.group(1)}) that a checkpoint never contains"
+    if "Weights only load failed" in text or isinstance(exc, pickle.UnpicklingError):
+        return "it is not a file written by torch.save"
+    if "failed finding central directory" in text or "PytorchStreamReader" in text:
+        return "it is not a file written by torch.save (or it is truncated)"
+    return _first_line(exc)
 
 
 def save_checkpoint(model: nn.Module, meta: dict, path: str | os.PathLike) -> str:
@@ -48,13 +69,27 @@ def load_checkpoint(path: str | os.PathLike, sha256: str | None = None,
         )
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        # torch's own message here is a page of weights_only advice that does not apply: a
+        # checkpoint of this package holds tensors and plain metadata only
+        raise CheckpointError(
+            f"{str(path)!r} is not an arq-gym checkpoint: {_load_failure(exc)}; pass a file "
+            "written by `arq-gym train` (or `arq-gym finetune`)"
+        ) from exc
+    if not isinstance(blob, dict) or "state_dict" not in blob or "meta" not in blob:
+        raise CheckpointError(
+            f"{str(path)!r} is not an arq-gym checkpoint (no state_dict and meta); pass a file "
+            "written by `arq-gym train`"
+        )
+    try:
         meta = dict(blob["meta"])
         model = build(meta["architecture"], meta.get("dataset"))
         model.load_state_dict(blob["state_dict"])
     except CheckpointError:
         raise
     except Exception as exc:
-        raise CheckpointError(f"cannot load checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+        raise CheckpointError(f"cannot load checkpoint {path}: {type(exc).__name__}: "
+                              f"{_first_line(exc)}") from exc
     meta["sha256"] = digest
     meta["path"] = str(path)
     return model.to(device).eval(), meta

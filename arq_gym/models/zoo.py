@@ -17,7 +17,19 @@ MANIFEST = WEIGHTS_DIR / "manifest.json"
 
 
 class ZooError(ValueError):
-    """No shipped model matches the request."""
+    """No shipped model matches the request.
+
+    ``what`` says what is missing; the message adds how to bring one's own model, phrased for
+    Python (``checkpoint=PATH``, the keyword of ``gym.make`` and ``make_problem``). A command
+    line rephrases it for its flag with :meth:`advise`."""
+
+    def __init__(self, what: str, advice: str = "pass checkpoint=PATH to bring your own") -> None:
+        super().__init__(f"{what}; {advice}")
+        self.what = what
+
+    def advise(self, advice: str) -> ZooError:
+        """The same error with another piece of advice (e.g. ``--checkpoint PATH``)."""
+        return ZooError(self.what, advice)
 
 
 def shipped_models() -> list[dict]:
@@ -32,15 +44,14 @@ def find_shipped(arch: str, dataset: str | None, sigma: float) -> dict:
     models = shipped_models()
     archs = sorted({m["architecture"] for m in models})
     if arch not in archs:
-        raise ZooError(f"no shipped model for architecture {arch!r}; shipped: {', '.join(archs) or 'none'}"
-                       "; pass checkpoint=PATH to bring your own")
+        raise ZooError(f"no shipped model for architecture {arch!r}; shipped: {', '.join(archs) or 'none'}")
     for m in models:
         if m["architecture"] == arch and (dataset is None or m["dataset"] == dataset) and \
                 abs(float(m["sigma"]) - float(sigma)) < 1e-9:
             return m
     sigmas = sorted(float(m["sigma"]) for m in models if m["architecture"] == arch)
     raise ZooError(f"no shipped {arch} for sigma {sigma}; shipped sigmas: "
-                   f"{', '.join(map(str, sigmas))}; pass checkpoint=PATH to bring your own")
+                   f"{', '.join(map(str, sigmas))}")
 
 
 def load_shipped(arch: str, dataset: str | None = None, sigma: float = 0.25, device: str = "cpu"):

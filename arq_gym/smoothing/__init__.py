@@ -18,7 +18,13 @@ from __future__ import annotations
 import numpy as np
 
 from arq_gym.smoothing.bounds import lower_confidence_bound, upper_confidence_bound
-from arq_gym.smoothing.certificate import DEFAULT_RADII, Certificate, radius_key
+from arq_gym.smoothing.certificate import (
+    DEFAULT_RADII,
+    Certificate,
+    bootstrap_interval,
+    paired_acr_difference,
+    radius_key,
+)
 from arq_gym.smoothing.certify import certify, predict, radius_from_bound, resolve_device
 from arq_gym.smoothing.chunked import certify_chunked
 from arq_gym.smoothing.incremental import (
@@ -49,6 +55,7 @@ __all__ = [
     "Certificate",
     "IRSCache",
     "NoiseSource",
+    "bootstrap_interval",
     "build_irs_cache",
     "certify",
     "certify_chunked",
@@ -58,6 +65,7 @@ __all__ = [
     "images_sha256",
     "load_or_build_irs_cache",
     "lower_confidence_bound",
+    "paired_acr_difference",
     "predict",
     "radius_from_bound",
     "radius_key",

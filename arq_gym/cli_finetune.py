@@ -1,0 +1,79 @@
+"""``arq-gym finetune``: quantization-aware fine-tuning of the network a policy defines
+(a thin wrapper over :func:`arq_gym.finetune.finetune`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from arq_gym.cli import CLIError, command
+
+
+def _add_finetune(p: argparse.ArgumentParser) -> None:
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--policy", default=None, help="arq-policy/1 JSON file (e.g. a search's "
+                      "best_policy.json)")  # fmt: skip
+    what.add_argument("--uniform", type=int, default=None, metavar="BITS",
+                      help="uniform weight/activation bits (first and last layers at 8)")  # fmt: skip
+    p.add_argument("--model", default="resnet20", help="architecture of a shipped base model")
+    p.add_argument("--dataset", default=None, help="dataset of the shipped model")
+    p.add_argument("--sigma", type=float, default=None,
+                   help="noise level of the shipped model (default 0.25; with --checkpoint: its "
+                        "own)")  # fmt: skip
+    p.add_argument("--checkpoint", default=None, help="fine-tune this base checkpoint instead")
+    p.add_argument("--epochs", type=int, required=True, help="training epochs")
+    p.add_argument("--out", required=True, help="output folder (model.pt, policy.json, ...)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--lr", type=float, default=0.01, help="initial learning rate (cosine to 0)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-images", type=int, default=2000,
+                   help="held-out validation images for model selection (default 2,000)")  # fmt: skip
+    p.add_argument("--train-images", type=int, default=None,
+                   help="use only K evenly spaced training images (quick runs)")  # fmt: skip
+    p.add_argument("--no-bf16", action="store_true", help="no bf16 autocast (plain fp32)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def resolve_policy(policy_file: str | None, uniform: int | None, layers) -> tuple:
+    """The policy of ``--policy FILE`` or ``--uniform B`` for ``layers``, and a description."""
+    from arq_gym.policy import Policy, PolicyError, load_policy
+
+    try:
+        if policy_file:
+            policy, _doc = load_policy(policy_file, layers)
+            return policy, f"policy {policy_file}"
+        keep = None if uniform == 32 else 8
+        policy = Policy.uniform(len(layers), uniform, keep_first_last=keep)
+        policy.check(layers)
+    except PolicyError as exc:
+        raise CLIError(str(exc)) from exc
+    return policy, f"uniform W{uniform}A{uniform}"
+
+
+@command("finetune", "quantization-aware fine-tuning of a policy's network under Gaussian "
+                     "noise (writes a quantized checkpoint; resumable)")(_add_finetune)  # fmt: skip
+def cmd_finetune(args) -> dict:
+    import torch
+
+    from arq_gym.cli_certify import _load_model
+    from arq_gym.data import DataError, load
+    from arq_gym.finetune import FinetuneConfig, finetune
+    from arq_gym.quant import find_layers
+
+    model, meta = _load_model(args)
+    try:
+        splits = load(meta["dataset"], args.data_dir)
+    except DataError as exc:
+        raise CLIError(str(exc)) from exc
+    sample = torch.from_numpy(splits.val.x[:1]).float() / 255.0
+    policy, what = resolve_policy(args.policy, args.uniform, find_layers(model, sample))
+    cfg = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                         weight_decay=args.weight_decay, seed=args.seed,
+                         bf16=not args.no_bf16, val_images=args.val_images,
+                         train_images=args.train_images, device=args.device)  # fmt: skip
+    summary = finetune(model, meta, policy, args.out, cfg, splits=splits, resume=args.resume,
+                       progress=not args.quiet, policy_source=what)  # fmt: skip
+    return {k: v for k, v in summary.items() if k != "history"} | {"out": args.out}
