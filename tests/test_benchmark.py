@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import toy_env
 
-from arq_gym.benchmark import LEADERBOARD_FIELDS, benchmark, episodes_to_fraction
 from arq_gym.cli import main
-from arq_gym.search import SearchError
+from arq_gym.experiments.benchmark import LEADERBOARD_FIELDS, benchmark, episodes_to_fraction
+from arq_gym.experiments.search import SearchError
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent

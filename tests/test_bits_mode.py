@@ -127,7 +127,7 @@ def test_both_checkers_pass_without_warnings_in_wa_mode(action_type, kw):
 
 @pytest.mark.parametrize("agent", ["arq-ddpg", "random", "sb3-td3", "sb3-ppo", "sb3-dqn"])
 def test_agents_search_in_wa_mode(agent, kw, tmp_path, one_torch_thread):
-    from arq_gym.search import search
+    from arq_gym.experiments.search import search
 
     env_kwargs = dict(kw)
     agent_kwargs = {"warmup_episodes": 1} if agent == "arq-ddpg" else {}
@@ -151,7 +151,7 @@ def test_agents_search_in_wa_mode(agent, kw, tmp_path, one_torch_thread):
 
 
 def test_resuming_a_run_from_before_bits_mode_is_refused_with_one_line(kw, tmp_path):
-    from arq_gym.search import SearchError, search
+    from arq_gym.experiments.search import SearchError, search
 
     out = tmp_path / "old"
     search("ARQ-LeNet5-v0", "random", 1, 0, out, env_kwargs=kw, final_eval=False,

@@ -131,8 +131,8 @@ LENET = {"model": "lenet5", "dataset": "fashion_mnist", "keep_first_last": None,
 
 def test_final_evaluation_resumes_from_its_chunks(data_dir, tmp_path, one_torch_thread, capsys,
                                                   monkeypatch):  # fmt: skip
+    from arq_gym.experiments.search import final_evaluation
     from arq_gym.problem import make_problem
-    from arq_gym.search import final_evaluation
 
     problem = make_problem(**LENET, data_dir=data_dir, cache_dir=tmp_path / "cache")
     policy = ([4] * problem.num_layers, [4] * problem.num_layers)

@@ -16,8 +16,8 @@ import pytest
 import toy_env
 
 from arq_gym.cli import main
+from arq_gym.experiments.search import SearchError, parse_kwargs, search
 from arq_gym.policy import load_policy
-from arq_gym.search import SearchError, parse_kwargs, search
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from arq_gym import table as table_mod
 from arq_gym.cli import main
-from arq_gym.search import SearchError
+from arq_gym.experiments import table as table_mod
+from arq_gym.experiments.search import SearchError
 from arq_gym.smoothing import certify
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

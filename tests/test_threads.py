@@ -252,7 +252,7 @@ def test_async_vector_env_with_fork_finishes_an_episode(data_dir):
 
 
 def test_thread_probe_measures_both_settings():
-    from arq_gym.bench_speed import thread_probe
+    from arq_gym.experiments.bench_speed import thread_probe
 
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten())
     res = thread_probe(model, (3, 16, 16), batch=8, seconds=0.05, rounds=1, processes=2,
@@ -270,7 +270,7 @@ def test_profiler_prints_no_usdt_lines():
     res = _run_python("""
         import os
         import torch
-        from arq_gym.bench_speed import time_breakdown
+        from arq_gym.experiments.bench_speed import time_breakdown
 
         out = time_breakdown(torch.nn.Conv2d(3, 4, 3), torch.rand(2, 3, 8, 8), rounds=2)
         print(sorted(out), os.environ.get("KINETO_LOG_LEVEL"))

@@ -1,4 +1,4 @@
-"""``arq-gym bench-speed``: certification speed on this machine (see :mod:`arq_gym.bench_speed`)."""
+"""``arq-gym bench-speed``: certification speed on this machine (see :mod:`arq_gym.experiments.bench_speed`)."""
 
 from __future__ import annotations
 
@@ -46,7 +46,12 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
 def cmd_bench_speed(args) -> dict:
     from pathlib import Path
 
-    from arq_gym.bench_speed import BenchConfig, quick_config, run_bench, run_thread_probe
+    from arq_gym.experiments.bench_speed import (
+        BenchConfig,
+        quick_config,
+        run_bench,
+        run_thread_probe,
+    )
 
     # --threads / ARQ_GYM_THREADS are applied by arq_gym.cli.main (args.threads: int or None)
     cfg = quick_config(args.threads) if args.quick else BenchConfig(threads=args.threads)

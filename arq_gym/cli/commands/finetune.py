@@ -58,7 +58,7 @@ def resolve_policy(policy_file: str | None, uniform: int | None, layers) -> tupl
 def cmd_finetune(args) -> dict:
     import torch
 
-    from arq_gym.cli_certify import _load_model
+    from arq_gym.cli.commands.certify import _load_model
     from arq_gym.data import DataError, load
     from arq_gym.finetune import FinetuneConfig, finetune
     from arq_gym.quant import find_layers

@@ -2,7 +2,7 @@
 every row certified the same way on the same test images.
 
 :func:`results_table` is what ``arq-gym table`` runs. Each searched row runs
-:func:`arq_gym.search.search` at the env's fidelity (validation images); then every row's
+:func:`arq_gym.experiments.search.search` at the env's fidelity (validation images); then every row's
 network is certified with full CERTIFY (Cohen et al.; not IRS) on ``images`` evenly spaced
 *test* images, which the searches never saw. Layout of the output folder::
 
@@ -37,8 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from arq_gym.experiments.search import SearchError, make_env, search
 from arq_gym.files import atomic_write_text, dumps
-from arq_gym.search import SearchError, make_env, search
 
 __all__ = ["STANDARD_ROWS", "Row", "parse_rows", "results_table"]
 
@@ -523,7 +523,7 @@ def _write_table(out: Path, settings: dict, results: list[dict], problem, comman
         lines.append(f"- {r['label']}: {bits}; function {r['function']}{extra}")
     lines += [
         "",
-        f"Command: `{command or 'arq_gym.table.results_table(...)'}`",
+        f"Command: `{command or 'arq_gym.experiments.table.results_table(...)'}`",
         f"Started {started}; written {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; "
         f"compute {hours:.2f} hours (searches + training + certification, summed over sessions).",
         f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} with "

@@ -3,7 +3,7 @@
 :func:`benchmark` is what ``arq-gym benchmark`` runs. Layout of its output folder::
 
     benchmark.json        the settings (env id and kwargs, agents, seeds, episodes, ...)
-    runs/<agent>-s<seed>/ one search each (arq_gym.search: episodes.csv, best_policy.json,
+    runs/<agent>-s<seed>/ one search each (arq_gym.experiments.search: episodes.csv, best_policy.json,
                           tb/, final.json, ...)
     cache/                the persistent evaluation cache the runs share (env kwarg cache_dir)
     leaderboard.md/.csv   one row per agent (see LEADERBOARD_FIELDS)
@@ -38,8 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from arq_gym.experiments.search import SearchError, _normalise, load_records, search
 from arq_gym.files import atomic_write_bytes, atomic_write_text, dumps
-from arq_gym.search import SearchError, _normalise, load_records, search
 
 __all__ = ["LEADERBOARD_FIELDS", "benchmark", "episodes_to_fraction", "parse_agent_kwargs"]
 
@@ -59,7 +59,7 @@ def parse_agent_kwargs(items: Sequence[str] | None, agents: Sequence[str]) -> di
     A plain ``key=value`` applies to every agent, ``agent:key=value`` to that agent only
     (e.g. ``arq-ddpg:warmup_episodes=10``).
     """
-    from arq_gym.search import parse_kwargs
+    from arq_gym.experiments.search import parse_kwargs
 
     out: dict[str, dict] = {a: {} for a in agents}
     for item in items or []:

@@ -1,0 +1,38 @@
+"""``arq-gym train``: train a base model with Gaussian noise augmentation (:mod:`arq_gym.train`)."""
+
+from __future__ import annotations
+
+from arq_gym.cli import command
+
+
+def _add_train(p):
+    p.add_argument("--model", default="resnet20", help="architecture (resnet20/32/44/56, lenet5)")
+    p.add_argument("--dataset", default=None, help="cifar10 or fashion_mnist (default: the model's)")
+    p.add_argument("--sigma", type=float, default=0.25, help="Gaussian noise std in [0,1] pixels")
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-bf16", action="store_true", help="train in plain fp32")
+    p.add_argument("--out", required=True, help="checkpoint path to write")
+    p.add_argument("--resume", action="store_true", help="continue from OUT.resume.pt")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--log-dir", default=None, help="TensorBoard folder (default: OUT.tb)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--train-images", type=int, default=None, help="use only K training images")
+    p.add_argument("--init", default=None, metavar="CKPT",
+                   help="warm start from this checkpoint (same model, dataset, sigma); a fresh "
+                        "cosine schedule of --epochs follows")
+
+
+@command("train", "train a base model with Gaussian noise augmentation")(_add_train)
+def cmd_train(args) -> dict:
+    from arq_gym.train import TrainConfig, train
+
+    cfg = TrainConfig(model=args.model, dataset=args.dataset, sigma=args.sigma, epochs=args.epochs,
+                      batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      bf16=not args.no_bf16, device=args.device,
+                      train_images=args.train_images, init=args.init)
+    meta = train(cfg, args.out, data_dir=args.data_dir, resume=args.resume,
+                 log_dir=args.log_dir or (args.out + ".tb"))
+    return {k: v for k, v in meta.items() if k != "history"} | {"out": args.out}
