@@ -293,7 +293,9 @@ def cosine_schedule(opt: torch.optim.Optimizer, total_steps: int) -> Any:
     )
 
 
-def _check_config(cfg: FinetuneConfig) -> None:
+def check_config(cfg: Any) -> None:
+    """One-line ValueError unless the training settings of ``cfg`` (a :class:`FinetuneConfig`
+    or :class:`~arq_gym.nipq.NIPQConfig`) are usable."""
     for name in ("epochs", "batch_size", "val_images", "calibration_images"):
         v = getattr(cfg, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -334,7 +336,7 @@ def finetune(
     from arq_gym.quant import QuantizedModel, calibration_images
 
     cfg = cfg or FinetuneConfig()
-    _check_config(cfg)
+    check_config(cfg)
     if meta.get("quantization"):
         raise ValueError("the checkpoint is already a quantized checkpoint; fine-tune its base "
                          f"model (parent sha256 {str(meta.get('parent_sha256'))[:16]}...)")  # fmt: skip

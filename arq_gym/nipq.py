@@ -274,6 +274,7 @@ def nipq(
     from arq_gym.finetune import (
         FinetuneConfig,
         NoisyBatches,
+        check_config,
         cosine_schedule,
         finetune,
         noisy_accuracy,
@@ -282,10 +283,7 @@ def nipq(
     from arq_gym.quant import QuantizedModel, calibration_images
 
     cfg = cfg or NIPQConfig()
-    for name in ("epochs", "batch_size", "val_images", "calibration_images"):
-        v = getattr(cfg, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    check_config(cfg)
     if cfg.hard_epochs < 1:
         raise ValueError(f"hard_epochs must be >= 1, got {cfg.hard_epochs!r}")
     if not cfg.penalty >= 0:

@@ -19,7 +19,9 @@ from arq_gym.cli import CLIError, command
 SHIPPED_CACHES = Path(__file__).parent / "models" / "caches"
 
 
-def _add_certify(p: argparse.ArgumentParser) -> None:
+def add_model_arguments(p: argparse.ArgumentParser, checkpoint_help: str) -> None:
+    """``--model``, ``--dataset``, ``--sigma`` (a shipped base model) or ``--checkpoint``, as
+    :func:`_load_model` reads them (certify, finetune and nipq share them)."""
     p.add_argument("--model", default="resnet20", help="architecture of a shipped base model")
     p.add_argument(
         "--dataset", default=None, help="dataset of the shipped model (default: its own)"
@@ -30,9 +32,11 @@ def _add_certify(p: argparse.ArgumentParser) -> None:
         default=None,
         help="noise level of the shipped model (default 0.25; with --checkpoint: its own)",
     )
-    p.add_argument(
-        "--checkpoint", default=None, help="certify this checkpoint instead of a shipped one"
-    )
+    p.add_argument("--checkpoint", default=None, help=checkpoint_help)
+
+
+def _add_certify(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p, "certify this checkpoint instead of a shipped one")
     q = p.add_mutually_exclusive_group()
     q.add_argument("--policy", default=None, help="arq-policy/1 JSON file to apply")
     q.add_argument(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from arq_gym.cli import CLIError, command
+from arq_gym.cli.commands.certify import add_model_arguments
 
 
 def _add_finetune(p: argparse.ArgumentParser) -> None:
@@ -14,12 +15,7 @@ def _add_finetune(p: argparse.ArgumentParser) -> None:
                       "best_policy.json)")  # fmt: skip
     what.add_argument("--uniform", type=int, default=None, metavar="BITS",
                       help="uniform weight/activation bits (first and last layers at 8)")  # fmt: skip
-    p.add_argument("--model", default="resnet20", help="architecture of a shipped base model")
-    p.add_argument("--dataset", default=None, help="dataset of the shipped model")
-    p.add_argument("--sigma", type=float, default=None,
-                   help="noise level of the shipped model (default 0.25; with --checkpoint: its "
-                        "own)")  # fmt: skip
-    p.add_argument("--checkpoint", default=None, help="fine-tune this base checkpoint instead")
+    add_model_arguments(p, "fine-tune this base checkpoint instead of a shipped one")
     p.add_argument("--epochs", type=int, required=True, help="training epochs")
     p.add_argument("--out", required=True, help="output folder (model.pt, policy.json, ...)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")

@@ -6,15 +6,11 @@ from __future__ import annotations
 import argparse
 
 from arq_gym.cli import CLIError, command
+from arq_gym.cli.commands.certify import add_model_arguments
 
 
 def _add_nipq(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="resnet20", help="architecture of a shipped base model")
-    p.add_argument("--dataset", default=None, help="dataset of the shipped model")
-    p.add_argument("--sigma", type=float, default=None,
-                   help="noise level of the shipped model (default 0.25; with --checkpoint: its "
-                        "own)")  # fmt: skip
-    p.add_argument("--checkpoint", default=None, help="start from this base checkpoint instead")
+    add_model_arguments(p, "start from this base checkpoint instead of a shipped one")
     p.add_argument("--budget", default="1/64", help="BOPs target as a fraction of FP32 "
                    "(default 1/64, the cost of uniform W4A4)")  # fmt: skip
     p.add_argument("--epochs", type=int, required=True, help="noise-training epochs (phase 1)")
