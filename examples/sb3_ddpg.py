@@ -52,10 +52,11 @@ def main() -> None:
 
     env = gym.make(args.env, fidelity=fidelity, device=args.device)
     layers = env.unwrapped.num_layers
+    n_act = env.action_space.shape[0]  # 2: weight and activation bits (bits_mode="wa")
     model = DDPG(
         "MlpPolicy", env, learning_rate=1e-4, gamma=1.0, tau=0.01, batch_size=64,
         buffer_size=128 * layers, learning_starts=min(20, episodes // 2) * layers,
-        action_noise=NormalActionNoise(np.zeros(1), 0.5 * np.ones(1)),
+        action_noise=NormalActionNoise(np.zeros(n_act), 0.5 * np.ones(n_act)),
         policy_kwargs={"net_arch": [300, 300]}, seed=args.seed, device="cpu",
     )  # fmt: skip
     callback = BestEpisode()

@@ -329,6 +329,11 @@ def test_bench_speed_quick_json(tmp_path, capsys, data_dir):
         assert tb["path"] == "int8" and 0 < tb["int8_conv_share"] < 1  # --quick: no compile
         # (--quick measures the peak on small matrices, so fractions are not compared here)
         assert tb["int8_conv_limit_fraction"] > 0 and res["limit_fraction"] > 0
+    onnx_row = res["onnxruntime"]
+    if "skipped" not in onnx_row:  # with the [onnx] extra: the exported W4A4 and mixed graphs
+        assert onnx_row["function"] == "onnxruntime-qdq" and onnx_row["best_samples_per_second"] > 0
+        assert onnx_row["agreement"]["samples"] >= 400
+        assert onnx_row["agreement"]["disagreements"] <= 4  # the same networks up to rounding
 
 
 def test_bench_speed_rejects_bad_input(capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -259,3 +260,18 @@ def test_lenet5_real_accuracy(data_dir):
     assert fp > 0.8
     assert abs(q8 - fp) <= 0.005
     assert q2 < q8
+
+
+def test_quantized_model_stays_in_eval_mode_after_certification(resnet20):
+    """certify restores a module's training flag: a QuantizedModel must start in eval mode, or
+    its batch norm would train (and move its running statistics) on the next forward pass."""
+    from arq_gym.smoothing import certify
+
+    qm = QuantizedModel(resnet20, torch.rand(16, 3, 32, 32), 0.25, calibration="max")
+    assert not qm.training and not qm.model.training
+    qm.apply(Policy.uniform(20, 4))
+    x = torch.rand(4, 3, 32, 32)
+    before = qm(x)
+    certify(qm, x, np.zeros(4, dtype=np.int64), 0.25, n0=4, n=8, batch_size=8, progress=False)
+    assert not qm.model.training
+    assert torch.equal(qm(x), before)

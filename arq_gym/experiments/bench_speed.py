@@ -26,7 +26,10 @@ Everything is measured in one run so that ratios are meaningful on a busy machin
 * the thread settings (:func:`thread_probe`): samples/s of the FP network with one thread per
   core and with one thread per process, in one process alone and in ``cores`` processes at
   once (a machine shared with other jobs, or a pool of workers), so that the choice of
-  ``ARQ_GYM_THREADS`` / ``--threads`` (:mod:`arq_gym.threads`) rests on a measurement.
+  ``ARQ_GYM_THREADS`` / ``--threads`` (:mod:`arq_gym.threads`) rests on a measurement;
+* the ONNX Runtime row (:func:`onnx_runtime_row`): the exported W4A4 network
+  (:mod:`arq_gym.deploy`) run by ONNX Runtime, its best throughput over the batch sweep against
+  the int8 limit and the int8-compiled path, and its agreement with the reference.
 
 The IRS cache of the FP network is built (once, kept in the user cache directory) with
 ``fp_n`` estimation samples; ``n = 10,000`` as in the search fidelity takes a million forward
@@ -79,6 +82,7 @@ class BenchConfig:
     thread_probe: bool = True
     thread_probe_seconds: float = 2.0  # per measurement
     thread_probe_rounds: int = 3
+    onnx: bool = True  # the ONNX Runtime row (needs the [onnx] extra; skipped without it)
     seed: int = 0
 
 
@@ -618,6 +622,12 @@ def run_bench(cfg: BenchConfig, checkpoint: str | None = None, data_dir=None,
             sec = breakdown[f"int8_conv{where}_seconds_per_batch"]
             breakdown[f"int8_conv{where}_limit_fraction"] = (
                 round(conv_flops / sec / (peaks["int8_gflops"] * 1e9), 4) if sec else None)  # fmt: skip
+    onnx_row = None
+    if cfg.onnx:
+        say("ONNX Runtime: export W4A4 and the mixed policy, throughput and agreement")
+        onnx_row = onnx_runtime_row(model, meta, calib, images, sigma, w4a4, mixed, qref, cfg,
+                                    limits.get("int8"), sps.get("int8-compiled", {}).get("w4a4"),
+                                    batch_sweep)  # fmt: skip
     thread_settings = None
     if cfg.thread_probe:
         say("thread settings: one process and one per core, one thread per core and one each")
@@ -664,5 +674,61 @@ def run_bench(cfg: BenchConfig, checkpoint: str | None = None, data_dir=None,
         "naive_seconds": None if naive_seconds is None else round(naive_seconds, 4),
         "speedup": None if naive_seconds is None else round(naive_seconds / policy_seconds, 2),
         "thread_settings": thread_settings,
+        "onnxruntime": onnx_row,
         "seconds": round(time.perf_counter() - t_all, 1),
     }
+
+
+def onnx_runtime_row(model, meta, calib, images, sigma, w4a4, mixed, qref, cfg, int8_limit,
+                     int8_compiled_sps, int8_sweep) -> dict:  # fmt: skip
+    """The ONNX Runtime row (``arq-gym export`` + :class:`arq_gym.deploy.OnnxClassifier`):
+    W4A4 throughput at each batch size of the sweep, the best against the int8 limit and the
+    int8-compiled path, and agreement with the reference on noisy samples (W4A4 and mixed)."""
+    import tempfile
+
+    try:
+        from arq_gym.deploy import OnnxClassifier, export_onnx
+    except ModuleNotFoundError as exc:
+        return {"skipped": f"{exc.name} is not installed: pip install -e \".[onnx]\""}
+    with tempfile.TemporaryDirectory() as tmp:
+        runtimes = {}
+        for name, pol in (("w4a4", w4a4), ("mixed", mixed)):
+            export_onnx(model, meta, pol, calib, f"{tmp}/{name}.onnx",
+                        calibration=cfg.calibration)  # fmt: skip
+            runtimes[name] = OnnxClassifier(f"{tmp}/{name}.onnx")
+        sizes = [int(b) for b in (cfg.batch_sizes or [cfg.batch_size])]
+        sweep = {}
+        for bs in sizes:
+            bb = _noisy_batches(images, sigma, bs, max(2, cfg.throughput_batches // 2), 7)
+            sweep[str(bs)] = _throughputs({"onnx": runtimes["w4a4"]}, bb)["onnx"]
+        best_bs = max(sweep, key=sweep.get)
+        dis, maxdiff, done = 0, 0.0, 0
+        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        with torch.inference_mode():
+            b = 0
+            while done < cfg.agreement_samples:
+                name, pol = (("w4a4", w4a4), ("mixed", mixed))[b % 2]
+                take = min(cfg.batch_size, cfg.agreement_samples - done)
+                idx = torch.randint(len(images), (take,), generator=gen)
+                x = images[idx] + sigma * torch.randn((take, *images.shape[1:]), generator=gen)
+                ref = qref.apply(pol)(x)
+                out = runtimes[name](x)
+                dis += int((out.argmax(1) != ref.argmax(1)).sum())
+                maxdiff = max(maxdiff, float((out - ref).abs().max()))
+                done += take
+                b += 1
+        qref.apply(w4a4)
+        best = sweep[best_bs]
+        int8_best = max([int8_compiled_sps or 0.0, *(int8_sweep or {}).values()])
+        return {
+            "function": runtimes["w4a4"].function_id,
+            "threads": runtimes["w4a4"].session.get_session_options().intra_op_num_threads,
+            "samples_per_second_by_batch": sweep,
+            "best_batch": int(best_bs),
+            "best_samples_per_second": round(best, 1),
+            "limit_fraction": round(best / int8_limit, 4) if int8_limit else None,
+            "int8_compiled_best_samples_per_second": round(int8_best, 1) if int8_best else None,
+            "speed_vs_int8_compiled": round(best / int8_best, 3) if int8_best else None,
+            "agreement": {"samples": done, "disagreements": dis, "max_abs_logit_diff": maxdiff,
+                          "policies": ["w4a4", "mixed"]},  # fmt: skip
+        }

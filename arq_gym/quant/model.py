@@ -120,6 +120,9 @@ class QuantizedModel(nn.Module):
         object.__setattr__(self, "_compiled", None)
         self.backend = "reference"
         self.set_backend(backend)
+        # an inference model: eval from the start, so that code which restores a module's
+        # training flag after using it (certify does) never puts batch norm in training mode
+        self.eval()
 
     # ------------------------------------------------------------------ calibration
     def _calibrate(self, noisy: torch.Tensor, device: torch.device, percentile: float,

@@ -35,6 +35,8 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-compile", action="store_true", help="skip the int8-compiled path")
     p.add_argument("--no-naive", action="store_true", help="skip the naive baseline")
+    p.add_argument("--no-onnx", action="store_true",
+                   help="skip the ONNX Runtime row (skipped anyway without the [onnx] extra)")  # fmt: skip
     p.add_argument("--data-dir", default=None)
     p.add_argument("--cache-dir", default=None, help="where the FP IRS cache is kept")
     p.add_argument("--no-progress", action="store_true")  # fmt: skip
@@ -70,6 +72,8 @@ def cmd_bench_speed(args) -> dict:
         cfg.naive = False
     if args.no_thread_probe:
         cfg.thread_probe = False
+    if args.no_onnx:
+        cfg.onnx = False
     if args.checkpoint is not None and not Path(args.checkpoint).is_file():
         raise CLIError(f"checkpoint {args.checkpoint!r} does not exist")
 

@@ -37,6 +37,9 @@ def add_model_arguments(p: argparse.ArgumentParser, checkpoint_help: str) -> Non
 
 def _add_certify(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p, "certify this checkpoint instead of a shipped one")
+    p.add_argument("--onnx", default=None, metavar="MODEL.onnx",
+                   help="certify a model written by `arq-gym export`, run in ONNX Runtime (its "
+                        "metadata gives sigma and dataset; full certification)")  # fmt: skip
     q = p.add_mutually_exclusive_group()
     q.add_argument("--policy", default=None, help="arq-policy/1 JSON file to apply")
     q.add_argument(
@@ -189,6 +192,27 @@ def _quantize(args, model, sigma: float, splits, device, quantization=None):
     return qmodel, float(bops_fraction(layers, policy)), desc
 
 
+def _onnx_meta(args) -> dict:
+    """What ``--onnx FILE`` certifies: sigma, dataset, model and BOPs from the graph's metadata."""
+    from arq_gym.deploy import OnnxExportError, read_metadata
+
+    if args.checkpoint or args.policy or args.uniform is not None or args.sigma is not None:
+        raise CLIError("--onnx certifies the exported model as it is: drop --checkpoint, "
+                       "--policy, --uniform and --sigma")  # fmt: skip
+    if args.incremental:
+        raise CLIError("--onnx runs full certification (the IRS cache needs the FP32 network, "
+                       "which the exported graph does not hold): drop --incremental")  # fmt: skip
+    try:
+        props = read_metadata(args.onnx)
+    except ModuleNotFoundError:
+        raise CLIError("--onnx needs ONNX Runtime: pip install -e \".[onnx]\"") from None
+    except (OnnxExportError, OSError) as exc:
+        raise CLIError(str(exc)) from None
+    return {"sigma": float(props["arq.sigma"]), "dataset": props["arq.dataset"],
+            "architecture": props["arq.model"], "sha256": props["arq.checkpoint_sha256"],
+            "bops_fraction": float(props["arq.bops_fraction"])}  # fmt: skip
+
+
 def _check_args(args) -> None:
     if args.images < 1:
         raise CLIError(f"--images must be >= 1, got {args.images}")
@@ -247,7 +271,10 @@ def cmd_certify(args) -> dict:
     device = resolve_device(args.device)
     if args.batch_size is None:
         args.batch_size = 100 if device.type == "cpu" else 400
-    model, meta = _load_model(args)
+    if args.onnx:
+        model, meta = None, _onnx_meta(args)
+    else:
+        model, meta = _load_model(args)
     sigma = float(meta["sigma"])
     dataset = meta["dataset"]
     try:
@@ -263,12 +290,17 @@ def cmd_certify(args) -> dict:
     subset = split.subset(idx)
     images = torch.from_numpy(np.ascontiguousarray(subset.x)).float() / 255.0
     labels = subset.y.astype(np.int64)
-    model = model.to(device).eval()
+    if args.onnx:
+        from arq_gym.deploy import OnnxClassifier
 
-    if args.policy or args.uniform is not None or meta.get("quantization"):
+        net = OnnxClassifier(args.onnx, threads=torch.get_num_threads())
+        bops_frac, what = float(meta["bops_fraction"]), f"onnx {Path(args.onnx).name}"
+    elif args.policy or args.uniform is not None or meta.get("quantization"):
+        model = model.to(device).eval()
         net, bops_frac, what = _quantize(args, model, sigma, splits, device,
                                          meta.get("quantization"))  # fmt: skip
     else:
+        model = model.to(device).eval()
         net, bops_frac, what = model, 1.0, "fp32"
     progress = not args.quiet
     result: dict = {
