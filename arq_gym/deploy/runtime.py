@@ -22,8 +22,8 @@ class OnnxClassifier:
     By default ONNX Runtime runs the QDQ graph as written (``session.disable_quant_qdq``): its
     QDQ fusions would change the function (they quantize float biases to int32 and float
     weights to int8, and fuse the rest into integer kernels). Measured on this CPU they are
-    also slower here (W4A4 ResNet-20: 588 against 1,079 images/s on one thread; LeNet-5 with
-    2-6 bit layers: 1.3% of noisy predictions changed). ``fuse_qdq=True`` turns them on; the
+    also slower here (W4A4 ResNet-20: 588 against 1,079 images/s on one thread, one run on a
+    busy machine; LeNet-5 with 2-6 bit layers: 1.3% of noisy predictions changed). ``fuse_qdq=True`` turns them on; the
     :attr:`function_id` then says so.
 
     Takes and returns torch tensors like a module (``eval``/``to`` are accepted and do
