@@ -32,6 +32,8 @@ BUILTIN: dict[str, str] = {
     "sb3-ppo": "arq_gym.agents.sb3:SB3PPO",
     "sb3-a2c": "arq_gym.agents.sb3:SB3A2C",
     "sb3-dqn": "arq_gym.agents.sb3:SB3DQN",
+    "optuna-tpe": "arq_gym.agents.optuna_search:OptunaTPE",
+    "optuna-cmaes": "arq_gym.agents.optuna_search:OptunaCMAES",
 }
 
 

@@ -8,7 +8,8 @@ import argparse
 from arq_gym.cli import command
 
 _AGENT_HELP = ("arq-ddpg (the paper's), random, sb3-ddpg, sb3-td3, sb3-sac, sb3-ppo, sb3-a2c, "
-               "sb3-dqn, or a user's agent as 'module:Class' / 'file.py:Class'")  # fmt: skip
+               "sb3-dqn, optuna-tpe, optuna-cmaes, or a user's agent as 'module:Class' / "
+               "'file.py:Class'")  # fmt: skip
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
