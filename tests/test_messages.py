@@ -46,8 +46,11 @@ def _not_checkpoints(tmp_path):
     torch.save({"meta": {}, "when": datetime.datetime(2024, 1, 1)}, obj)
     plain = tmp_path / "plain.pt"
     torch.save({"x": torch.zeros(2)}, plain)
+    hello = tmp_path / "hello.pt"  # torch fails on this one with KeyError('101')
+    hello.write_text("hello\n")
     return {text: "not a file written by torch.save", obj: "datetime.datetime",
-            plain: "no state_dict and meta"}  # fmt: skip
+            plain: "no state_dict and meta",
+            hello: "not a file written by torch.save"}  # fmt: skip
 
 
 def test_a_file_that_is_not_a_checkpoint_is_a_short_error(tmp_path, capsys):

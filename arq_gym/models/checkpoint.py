@@ -31,7 +31,10 @@ def _load_failure(exc: BaseException) -> str:
     text = str(exc)
     if found := re.search(r"Unsupported global: GLOBAL ([\w.]+)", text):
         return f"it holds a Python object ({found.group(1)}) that a checkpoint never contains"
-    if "Weights only load failed" in text or isinstance(exc, pickle.UnpicklingError):
+    if ("Weights only load failed" in text
+            or isinstance(exc, (pickle.UnpicklingError, KeyError, EOFError))):  # fmt: skip
+        # (torch reads an arbitrary file as its legacy format and fails with a KeyError
+        # naming a byte, e.g. '101' for a text file)
         return "it is not a file written by torch.save"
     if "failed finding central directory" in text or "PytorchStreamReader" in text:
         return "it is not a file written by torch.save (or it is truncated)"
