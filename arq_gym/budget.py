@@ -338,3 +338,15 @@ def enforce_budget(
             requested = Policy.from_bits(requested)
         return enforce_haq(requested, layers, budget, bits, keep_first_last)
     return enforce_clip(requested, layers, budget, bits, keep_first_last)
+
+
+def parse_budget(text: str | float) -> float:
+    """A budget as a fraction of the FP32 BOPs from ``"1/64"``, ``"0.015625"`` or a number;
+    :class:`BudgetError` (one line) unless it is in (0, 1]."""
+    try:
+        value = float(Fraction(str(text).strip()))
+    except (ValueError, ZeroDivisionError):
+        raise BudgetError(f"budget {text!r} is not a fraction such as 1/64 or 0.015625") from None
+    if not (math.isfinite(value) and 0 < value <= 1):
+        raise BudgetError(f"budget must be a fraction of the FP32 BOPs in (0, 1], got {text!r}")
+    return value

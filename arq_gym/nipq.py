@@ -39,7 +39,6 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +50,7 @@ from torch.nn.utils import parametrize
 
 from arq_gym.policy import MAX_BITS, MIN_BITS, Policy
 
-__all__ = ["NIPQConfig", "NIPQNetwork", "NoiseProxyQuantizer", "nipq", "parse_budget"]
+__all__ = ["NIPQConfig", "NIPQNetwork", "NoiseProxyQuantizer", "nipq"]
 
 RESUME_FORMAT = "arq-nipq-state/1"
 #: NIPQ's bit parameterisation: b = BITS_LOW + BITS_SPAN * sigmoid(theta)
@@ -78,17 +77,6 @@ class NIPQConfig:
     calibration_images: int = 512
     train_images: int | None = None
     device: str = "cpu"
-
-
-def parse_budget(text: str | float) -> float:
-    """A budget as a fraction of the FP32 BOPs: ``"1/64"``, ``"0.015625"`` or a number."""
-    try:
-        value = float(Fraction(str(text).strip()))
-    except (ValueError, ZeroDivisionError):
-        raise ValueError(f"budget {text!r} is not a fraction such as 1/64 or 0.015625") from None
-    if not (math.isfinite(value) and 0 < value <= 1):
-        raise ValueError(f"budget must be a fraction of the FP32 BOPs in (0, 1], got {text!r}")
-    return value
 
 
 def _inverse_softplus(y: float) -> float:
@@ -268,7 +256,7 @@ def nipq(
     :func:`arq_gym.finetune.finetune`) and ``tb/``. Returns the summary.
     """
     from arq_gym import data as data_mod
-    from arq_gym.budget import check_feasible, enforce_budget
+    from arq_gym.budget import check_feasible, enforce_budget, parse_budget
     from arq_gym.cost import bops_fraction
     from arq_gym.files import atomic_write_text, dumps
     from arq_gym.finetune import (

@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
+from arq_gym.budget import parse_budget
 from arq_gym.models import load_checkpoint, load_shipped
-from arq_gym.nipq import NIPQConfig, NIPQNetwork, NoiseProxyQuantizer, nipq, parse_budget
+from arq_gym.nipq import NIPQConfig, NIPQNetwork, NoiseProxyQuantizer, nipq
 from arq_gym.quant import QuantizedModel
 
 SIGMA = 0.25

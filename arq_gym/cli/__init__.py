@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable, s
 HUMAN: dict[str, Callable[[dict], None]] = {}
 #: the command modules, imported when the parser is built (kept lazy for a fast import)
 COMMAND_MODULES = ("data", "envs", "train", "certify", "search", "benchmark", "table",
-                   "bench_speed", "finetune", "nipq", "export")
+                   "pareto", "bench_speed", "finetune", "nipq", "export")
 
 
 class CLIError(Exception):

@@ -32,13 +32,13 @@ import os
 import re
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from arq_gym.experiments.search import SearchError, _normalise, load_records, search
+from arq_gym.experiments.parallel import run_searches
+from arq_gym.experiments.search import SearchError, _normalise, load_records
 from arq_gym.files import atomic_write_bytes, atomic_write_text, dumps
 
 __all__ = ["LEADERBOARD_FIELDS", "benchmark", "episodes_to_fraction", "parse_agent_kwargs"]
@@ -140,32 +140,6 @@ def _accepts(env_id: str, kwarg: str) -> bool:
     return any(p.name == kwarg or p.kind is p.VAR_KEYWORD for p in params)
 
 
-def _prepare(env_id: str, env_kwargs: Mapping[str, Any]) -> None:
-    """Make the env once in the parent so that its one-time work (the FP32 network's IRS cache
-    in ``cache_dir``) is done once, not by every worker at the same time."""
-    import gymnasium as gym
-
-    env = gym.make(env_id, **env_kwargs)
-    env.close()
-
-
-def _worker_init(threads: int) -> None:
-    from arq_gym.threads import set_threads
-
-    set_threads(threads, export=True)  # exported: processes a worker starts inherit it
-
-
-def _run_job(job: dict) -> dict:
-    """One search (in a worker process); returns its result or ``{"error": message}``."""
-    try:
-        res = search(**job["search"])
-    except Exception as exc:  # noqa: BLE001 - reported in the parent
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return {"error": f"{type(exc).__name__}: {msg}", "run": job["run"]}
-    res["run"] = job["run"]
-    return res
-
-
 def benchmark(
     env_id: str,
     agents: Sequence[str],
@@ -250,36 +224,9 @@ def benchmark(
                 final_eval=final_eval, final_images=final_images, final_n=final_n,
                 final_n0=final_n0, final_alpha=final_alpha, progress=False)})  # fmt: skip
 
-    from tqdm.auto import tqdm
-
-    errors = []
-    bar = tqdm(total=len(agents) * seeds, initial=len(skipped), desc="benchmark", unit="run",
-               disable=not progress)  # fmt: skip
-    try:
-        if workers == 1 or len(jobs) <= 1:
-            for job in jobs:
-                job["search"]["progress"] = progress
-                res = _run_job(job)
-                _collect(res, results, errors, bar)
-        else:
-            import multiprocessing as mp
-
-            _prepare(env_id, env_kwargs)
-            from arq_gym.threads import worker_threads
-
-            processes = min(workers, len(jobs))
-            threads = worker_threads(processes)
-            with ProcessPoolExecutor(
-                max_workers=processes,
-                mp_context=mp.get_context("spawn"),
-                initializer=_worker_init,
-                initargs=(threads,),
-            ) as pool:
-                futures = [pool.submit(_run_job, job) for job in jobs]
-                for fut in as_completed(futures):
-                    _collect(fut.result(), results, errors, bar)
-    finally:
-        bar.close()
+    found, errors = run_searches(jobs, workers, prepare=(env_id, env_kwargs), progress=progress,
+                                 desc="benchmark", total=len(agents) * seeds, done=len(skipped))  # fmt: skip
+    results.update(found)
 
     order = [_run_name(a, s) for a in agents for s in range(seeds)]
     runs = [results[r] for r in order if r in results]
@@ -293,14 +240,6 @@ def benchmark(
         raise RuntimeError(f"{len(errors)} of {len(agents) * seeds} searches failed; first: "
                            f"{errors[0]['run']}: {errors[0]['error']}")  # fmt: skip
     return summary
-
-
-def _collect(res: dict, results: dict, errors: list, bar) -> None:
-    if "error" in res:
-        errors.append(res)
-    else:
-        results[res["run"]] = res
-    bar.update(1)
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -278,23 +278,26 @@ def _test_images(problem, images: int, data_dir):
 # ---------------------------------------------------------------------- the table
 
 
-def _check_out(out: Path, settings: dict, resume: bool) -> None:
-    meta = out / "table.json"
+def check_out(out: Path, settings: dict, resume: bool, meta_name: str = "table.json",
+              what: str = "table") -> None:  # fmt: skip
+    """Validate a results folder: empty unless ``resume``, and then holding ``meta_name`` with
+    the same settings (``rows`` may differ: a resumed table can gain rows)."""
+    meta = out / meta_name
     if out.exists() and not out.is_dir():
         raise SearchError(f"output path {out} exists and is not a folder")
     if not resume:
         if out.is_dir() and any(out.iterdir()):
             raise SearchError(f"output dir {out} is not empty; pass --resume to continue the "
-                              "table it holds or choose an empty --out")  # fmt: skip
+                              f"{what} it holds or choose an empty --out")  # fmt: skip
         return
     if not meta.is_file():
         if out.is_dir() and any(out.iterdir()):
-            raise SearchError(f"output dir {out} holds files but no table (table.json)")
+            raise SearchError(f"output dir {out} holds files but no {what} ({meta_name})")
         return
     prev = json.loads(meta.read_text()).get("settings", {})
     for key, value in settings.items():
         if key != "rows" and prev.get(key) != value:
-            raise SearchError(f"output dir {out} holds a table with {key}={prev.get(key)!r}, "
+            raise SearchError(f"output dir {out} holds a {what} with {key}={prev.get(key)!r}, "
                               f"not {value!r}; choose another --out")  # fmt: skip
 
 
@@ -360,7 +363,7 @@ def results_table(
                 "finetune_epochs": None if finetune_epochs is None else int(finetune_epochs),
                 "finetune_kwargs": dict(finetune_kwargs or {})}  # fmt: skip
     settings = json.loads(dumps(settings))
-    _check_out(out, settings, resume)
+    check_out(out, settings, resume)
     created = not out.exists()  # the env may write its cache into out: undo that on bad input
     try:
         env = make_env(env_id, env_kwargs)

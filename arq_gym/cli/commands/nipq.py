@@ -57,9 +57,10 @@ def _keep_first_last(text: str, meta: dict) -> int | None:
 @command("nipq", "NIPQ baseline: learn every layer's weight and activation bits under a BOPs "
                  "target, then fine-tune with the bits frozen (resumable)")(_add_nipq)  # fmt: skip
 def cmd_nipq(args) -> dict:
+    from arq_gym.budget import parse_budget
     from arq_gym.cli.commands.certify import _load_model
     from arq_gym.data import DataError, load
-    from arq_gym.nipq import NIPQConfig, nipq, parse_budget
+    from arq_gym.nipq import NIPQConfig, nipq
 
     budget = parse_budget(args.budget)
     model, meta = _load_model(args)
