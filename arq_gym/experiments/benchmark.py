@@ -157,12 +157,15 @@ def benchmark(
     final_n0: int = 100,
     final_alpha: float = 0.001,
     progress: bool = True,
+    backend: str = "local",
+    ray_address: str | None = None,
 ) -> dict[str, Any]:
     """Run every agent with seeds ``0..seeds-1`` for ``episodes`` episodes; write the leaderboard.
 
     ``agent_kwargs`` maps agent name -> hyperparameters (or is a list of CLI items, see
     :func:`parse_agent_kwargs`). The env gets ``cache_dir=<out>/cache`` unless ``env_kwargs``
-    names one. Returns ``{"leaderboard": rows, "runs": results, "out": ..., "seconds": ...,
+    names one. ``backend``/``ray_address``: where the searches run
+    (:func:`arq_gym.experiments.parallel.run_searches`). Returns ``{"leaderboard": rows, "runs": results, "out": ..., "seconds": ...,
     "skipped": finished runs not repeated}``.
     """
     from arq_gym import agents as agents_mod
@@ -225,7 +228,8 @@ def benchmark(
                 final_n0=final_n0, final_alpha=final_alpha, progress=False)})  # fmt: skip
 
     found, errors = run_searches(jobs, workers, prepare=(env_id, env_kwargs), progress=progress,
-                                 desc="benchmark", total=len(agents) * seeds, done=len(skipped))  # fmt: skip
+                                 desc="benchmark", total=len(agents) * seeds, done=len(skipped),
+                                 backend=backend, ray_address=ray_address)  # fmt: skip
     results.update(found)
 
     order = [_run_name(a, s) for a in agents for s in range(seeds)]

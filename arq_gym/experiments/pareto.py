@@ -84,12 +84,16 @@ def pareto(
     resume: bool = False,
     progress: bool = True,
     command: str | None = None,
+    backend: str = "local",
+    ray_address: str | None = None,
 ) -> dict:
     """Build (or finish) the front in ``out``; returns ``results.json``'s content.
 
     ``budgets``: fractions of the FP32 BOPs (``"1/64"`` or numbers), one search each;
     ``uniform_bits``: the uniform policies certified beside them (first and last layers as the
-    env pins them). SearchError (one line) for bad input; RuntimeError if searches failed.
+    env pins them). ``workers``, ``backend``, ``ray_address``: where the searches run
+    (:func:`arq_gym.experiments.parallel.run_searches`). SearchError (one line) for bad input;
+    RuntimeError if searches failed.
     """
     from arq_gym.budget import parse_budget
     from arq_gym.experiments.parallel import run_searches
@@ -153,7 +157,8 @@ def pareto(
             resume=True, final_eval=False, progress=False)})  # fmt: skip
     found, errors = run_searches(jobs, workers, prepare=(env_id, env_kwargs), progress=progress,
                                  desc="pareto searches", total=len(values),
-                                 done=len(searches))  # fmt: skip
+                                 done=len(searches), backend=backend,
+                                 ray_address=ray_address)  # fmt: skip
     searches.update(found)
 
     # every point certified alike

@@ -320,6 +320,9 @@ def results_table(
     command: str | None = None,
     finetune_epochs: int | None = None,
     finetune_kwargs: Mapping[str, Any] | None = None,
+    workers: int = 1,
+    backend: str = "local",
+    ray_address: str | None = None,
 ) -> dict:
     """Build (or finish) the table in ``out``; returns ``results.json``'s content.
 
@@ -328,6 +331,9 @@ def results_table(
     ``<row>+ft``, certified alike; it is also the training budget of the ``nipq`` row (noise
     and hard phases together, :func:`nipq_epochs`), which needs it. ``finetune_kwargs``: other
     :class:`~arq_gym.finetune.FinetuneConfig` fields for both (``lr``, ``train_images``, ...).
+    ``workers``, ``backend``, ``ray_address``: the searched rows' searches run first, side by
+    side there (:func:`arq_gym.experiments.parallel.run_searches`); training and certification
+    follow in this process.
 
     ``rows``: names for :func:`parse_rows`. ``env_kwargs`` configure every search and the
     problem the rows are certified on (model, sigma, budget, fidelity, ...); a ``cache_dir``
@@ -339,7 +345,7 @@ def results_table(
 
     row_list = parse_rows(rows)
     for name, v in (("episodes", episodes), ("images", images), ("n", n), ("n0", n0),
-                    ("chunk", chunk)):  # fmt: skip
+                    ("chunk", chunk), ("workers", workers)):  # fmt: skip
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             raise SearchError(f"--{name} must be a positive integer, got {v!r}")
     if not 0 < alpha < 0.5:
@@ -385,6 +391,10 @@ def results_table(
                                         "command": command, "started": started}))  # fmt: skip
 
     data_dir = env_kwargs.get("data_dir")
+    jobs = _row_searches(row_list, env_id, env_kwargs, agent_kwargs, episodes, seed, out)
+    if jobs and (workers > 1 or backend != "local"):
+        _run_row_searches(jobs, env_id, env_kwargs, workers, backend, ray_address, progress)
+    searches = {job["run"]: job["search"] for job in jobs}
     results = []
     for row in row_list:
         search_doc = train_doc = tuned = None
@@ -398,10 +408,7 @@ def results_table(
             policy = Policy(tuple(train_doc["policy"]["w_bits"]), tuple(train_doc["policy"]["a_bits"]))
             tuned = out / "nipq" / "model.pt"
         else:
-            search_doc = search(env_id, row.agent, episodes, seed, out / "searches" / row.name,
-                                env_kwargs={**env_kwargs, "reward": row.reward},
-                                agent_kwargs=agent_kwargs, resume=True, final_eval=False,
-                                progress=progress)  # fmt: skip
+            search_doc = search(**{**searches[row.name], "progress": progress})
             policy = Policy(tuple(search_doc["w_bits"]), tuple(search_doc["a_bits"]))
         doc = _certify_row(row, policy, problem, data, cert_settings, out, chunk, progress,
                            tuned, data_dir)  # fmt: skip
@@ -414,6 +421,29 @@ def results_table(
                                progress, out / "finetune" / row.name / "model.pt", data_dir)  # fmt: skip
             results.append(_row_result(ft_row, doc, None, ft_doc))  # search counted once
     return _write_table(out, settings, results, problem, command, started, stride)
+
+
+def _row_searches(row_list, env_id, env_kwargs, agent_kwargs, episodes, seed, out) -> list[dict]:
+    """The search jobs of the searched rows (:func:`arq_gym.experiments.search.search`
+    arguments), one per row."""
+    return [{"run": row.name, "search": dict(
+        env_id=env_id, agent=row.agent, episodes=episodes, seed=seed,
+        out=str(out / "searches" / row.name), env_kwargs={**env_kwargs, "reward": row.reward},
+        agent_kwargs=agent_kwargs, resume=True, final_eval=False, progress=False)}
+        for row in row_list if row.kind == "search"]  # fmt: skip
+
+
+def _run_row_searches(jobs, env_id, env_kwargs, workers, backend, ray_address,
+                      progress) -> None:  # fmt: skip
+    """Run the searched rows' searches side by side before the rows are certified."""
+    from arq_gym.experiments.parallel import run_searches
+
+    _found, errors = run_searches(jobs, workers, prepare=(env_id, env_kwargs), progress=progress,
+                                  desc="table searches", backend=backend,
+                                  ray_address=ray_address)  # fmt: skip
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {len(jobs)} searches failed; first: "
+                           f"{errors[0]['run']}: {errors[0]['error']}")  # fmt: skip
 
 
 def _row_result(row: Row, doc: dict, search_doc: dict | None,

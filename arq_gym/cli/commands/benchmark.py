@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from arq_gym.cli import command
-from arq_gym.cli.commands.search import _AGENT_HELP, _add_common
+from arq_gym.cli.commands.search import _AGENT_HELP, _add_common, add_backend_arguments
 
 
 def _add_benchmark(p: argparse.ArgumentParser) -> None:
@@ -17,7 +17,7 @@ def _add_benchmark(p: argparse.ArgumentParser) -> None:
         "(e.g. arq-ddpg:warmup_episodes=10)"
     )
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..K-1 per agent (default 3)")
-    p.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
+    add_backend_arguments(p)
 
 
 @command("benchmark", "run several agents x seeds and write a leaderboard (resumable)")(
@@ -34,5 +34,5 @@ def cmd_benchmark(args) -> dict:
         agent_kwargs=list(args.agent_kwargs),
         resume=args.resume, final_eval=args.final_eval, final_images=args.final_images,
         final_n=args.final_n, final_n0=args.final_n0, final_alpha=args.final_alpha,
-        progress=not args.no_progress,
+        progress=not args.no_progress, backend=args.backend, ray_address=args.ray_address,
     )  # fmt: skip

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from arq_gym.cli import CLIError, command
-from arq_gym.cli.commands.search import _AGENT_HELP
+from arq_gym.cli.commands.search import _AGENT_HELP, add_backend_arguments
 
 
 def _add_pareto(p: argparse.ArgumentParser) -> None:
@@ -28,8 +28,7 @@ def _add_pareto(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n0", type=int, default=100)
     p.add_argument("--alpha", type=float, default=0.001)
     p.add_argument("--chunk", type=int, default=25, help="images certified between checkpoints")
-    p.add_argument("--workers", type=int, default=1,
-                   help="searches run side by side (processes; default 1)")  # fmt: skip
+    add_backend_arguments(p)
     p.add_argument("--resume", action="store_true", help="finish the front in --out")
     p.add_argument("--no-progress", action="store_true")
 
@@ -53,5 +52,5 @@ def cmd_pareto(args) -> dict:
         agent_kwargs=parse_kwargs(args.agent_kwargs, "agent-kwargs"), uniform_bits=uniform,
         images=args.images, n=args.n, n0=args.n0, alpha=args.alpha, chunk=args.chunk,
         workers=args.workers, resume=args.resume, progress=not args.no_progress,
-        command=command,
+        command=command, backend=args.backend, ray_address=args.ray_address,
     )  # fmt: skip

@@ -44,6 +44,20 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def add_backend_arguments(p: argparse.ArgumentParser, workers: bool = True) -> None:
+    """``--backend local|ray``, ``--ray-address`` (and ``--workers``): where searches run
+    (:func:`arq_gym.experiments.parallel.run_searches`)."""
+    if workers:
+        p.add_argument("--workers", type=int, default=1,
+                       help="searches side by side on the local backend (default 1)")  # fmt: skip
+    p.add_argument("--backend", choices=("local", "ray"), default="local",
+                   help="local processes, or one Ray task per search (pip install -e "
+                        "\".[ray]\")")  # fmt: skip
+    p.add_argument("--ray-address", default=None,
+                   help="Ray cluster to join, e.g. 'auto' after `ray start --head` (default: "
+                        "start a local one)")  # fmt: skip
+
+
 def _add_search(p: argparse.ArgumentParser) -> None:
     _add_common(p)
     p.add_argument("--agent", default="arq-ddpg", help=_AGENT_HELP)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from arq_gym.cli import command
+from arq_gym.cli.commands.search import add_backend_arguments
 
 
 def _add_table(p: argparse.ArgumentParser) -> None:
@@ -35,6 +36,7 @@ def _add_table(p: argparse.ArgumentParser) -> None:
     p.add_argument("--finetune-kwargs", nargs="*", default=[], metavar="K=V",
                    help="other fine-tuning settings for those rows, e.g. lr=0.005 "
                         "train_images=5000")  # fmt: skip
+    add_backend_arguments(p)
     p.add_argument("--resume", action="store_true", help="finish the table in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -65,4 +67,5 @@ def cmd_table(args) -> dict:
         resume=args.resume, progress=not args.no_progress, command=command,
         finetune_epochs=args.finetune_epochs,
         finetune_kwargs=parse_kwargs(args.finetune_kwargs, "finetune-kwargs"),
+        workers=args.workers, backend=args.backend, ray_address=args.ray_address,
     )  # fmt: skip
