@@ -748,6 +748,11 @@ def _build_problem(model, dataset, sigma, checkpoint, budget, bits, keep_first_l
         for key in ("architecture", "dataset", "sigma"):
             if key not in meta:
                 raise ValueError(f"checkpoint {checkpoint} has no {key!r} in its metadata")
+        if meta["sigma"] is None and sigma is None:  # Cohen et al.'s files do not say it
+            raise ValueError(f"checkpoint {checkpoint} does not record its noise level; pass "
+                             "sigma= (Cohen et al.'s folder names say it: noise_0.25)")  # fmt: skip
+        if meta["sigma"] is None:
+            meta["sigma"] = float(sigma)
     else:
         net, meta = load_shipped(model, dataset, 0.25 if sigma is None else float(sigma))
     splits = data_mod.load(meta["dataset"], data_dir=data_dir)

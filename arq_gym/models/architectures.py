@@ -1,4 +1,5 @@
-"""Network architectures: CIFAR ResNets (He et al. 2016, option-A shortcuts) and a LeNet-5 CNN.
+"""Network architectures: CIFAR ResNets (He et al. 2016, option-A shortcuts) and a LeNet-5 CNN;
+ResNet-50 and MobileNetV2 with torchvision's names are in :mod:`arq_gym.models.imagenet`.
 
 Every model starts with :class:`Normalize`, so it takes images in [0, 1] pixel space and
 randomized-smoothing noise is added before normalisation (Cohen et al.).
@@ -106,6 +107,16 @@ class LeNet5(nn.Module):
         return self.fc3(x)
 
 
+def _imagenet(name: str):
+    def ctor(**kw):
+        from arq_gym.models import imagenet
+
+        return {"resnet50": imagenet.ResNet50, "mobilenet_v2": imagenet.MobileNetV2,
+                "mobilenet_v2_cifar": imagenet.mobilenet_v2_cifar}[name](**kw)  # fmt: skip
+
+    return ctor
+
+
 #: architecture name -> (constructor, dataset it is built for)
 ARCHITECTURES = {
     "resnet20": (lambda **kw: CifarResNet(20, **kw), "cifar10"),
@@ -113,7 +124,12 @@ ARCHITECTURES = {
     "resnet44": (lambda **kw: CifarResNet(44, **kw), "cifar10"),
     "resnet56": (lambda **kw: CifarResNet(56, **kw), "cifar10"),
     "lenet5": (lambda **kw: LeNet5(**kw), "fashion_mnist"),
+    "resnet50": (_imagenet("resnet50"), "imagenet"),
+    "mobilenet_v2": (_imagenet("mobilenet_v2"), "imagenet"),
+    "mobilenet_v2_cifar": (_imagenet("mobilenet_v2_cifar"), "cifar10"),
 }
+#: classes, mean and std of ImageNet (not a dataset the package finds or downloads)
+IMAGENET_INFO = (1000, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 def build(arch: str, dataset: str | None = None) -> nn.Module:
@@ -123,5 +139,9 @@ def build(arch: str, dataset: str | None = None) -> nn.Module:
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
     ctor, default_ds = ARCHITECTURES[arch]
-    info = DATASETS[dataset or default_ds]
+    name = dataset or default_ds
+    if name == "imagenet":
+        classes, mean, std = IMAGENET_INFO
+        return ctor(num_classes=classes, mean=mean, std=std)
+    info = DATASETS[name]
     return ctor(num_classes=len(info.classes), mean=info.mean, std=info.std)

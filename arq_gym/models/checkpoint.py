@@ -41,6 +41,31 @@ def _load_failure(exc: BaseException) -> str:
     return _first_line(exc)
 
 
+#: Cohen et al.'s architecture names -> the package's (their ImageNet models)
+COHEN_ARCHITECTURES = {"resnet50": "resnet50"}
+
+
+def _load_cohen(path: Path, blob: dict) -> tuple[nn.Module, dict]:
+    """A checkpoint in the layout of Cohen et al.'s published models: ``{"arch", "state_dict"}``
+    with ``1.module.`` key prefixes (see :mod:`arq_gym.models.imagenet`). Their sigma is not in
+    the file (it is in the folder name, ``noise_0.25``): the metadata's ``sigma`` is None and
+    the caller passes it."""
+    from arq_gym.models.architectures import build
+    from arq_gym.models.imagenet import load_imagenet_state_dict
+
+    arch = COHEN_ARCHITECTURES.get(str(blob["arch"]))
+    if arch is None:
+        raise CheckpointError(f"{str(path)!r} is a Cohen et al. checkpoint of {blob['arch']!r}; "
+                              f"known: {', '.join(COHEN_ARCHITECTURES)}")  # fmt: skip
+    model = build(arch, "imagenet")
+    try:
+        load_imagenet_state_dict(model, blob["state_dict"])
+    except ValueError as exc:
+        raise CheckpointError(f"{str(path)!r}: {exc}") from None
+    return model, {"architecture": arch, "dataset": "imagenet", "sigma": None,
+                   "format": "cohen-et-al"}  # fmt: skip
+
+
 def save_checkpoint(model: nn.Module, meta: dict, path: str | os.PathLike) -> str:
     """Write ``{"format", "state_dict", "meta"}`` atomically; return the file's sha256."""
     path = Path(path)
@@ -79,6 +104,11 @@ def load_checkpoint(path: str | os.PathLike, sha256: str | None = None,
             f"{str(path)!r} is not an arq-gym checkpoint: {_load_failure(exc)}; pass a file "
             "written by `arq-gym train` (or `arq-gym finetune`)"
         ) from exc
+    if isinstance(blob, dict) and "arch" in blob and "state_dict" in blob and "meta" not in blob:
+        model, meta = _load_cohen(path, blob)
+        meta["sha256"] = digest
+        meta["path"] = str(path)
+        return model.to(device).eval(), meta
     if not isinstance(blob, dict) or "state_dict" not in blob or "meta" not in blob:
         raise CheckpointError(
             f"{str(path)!r} is not an arq-gym checkpoint (no state_dict and meta); pass a file "
