@@ -165,7 +165,8 @@ class QuantizationProblem:
         seed: seed of the certification noise.
         calibration_images: number of training images that calibrate activation ranges.
         batch_size: noisy samples per forward pass (default 100 on CPU with an int8 backend,
-            400 with the reference, 2,000 on CUDA).
+            400 with the reference, 2,000 on CUDA, for 32 x 32 images; scaled down for larger
+            ones to about as many pixels per batch: 8 on the CPU for 224 x 224 ImageNet).
         backend: how the quantized network executes (:meth:`arq_gym.quant.QuantizedModel.
             set_backend`): ``"auto"`` (default: int8 integer convolutions under torch.compile
             on a CPU that has them, else the float32 reference), ``"int8-compiled"``,
@@ -260,6 +261,10 @@ class QuantizationProblem:
         # at batch 100 than at 400 (cache-resident activations); results do not depend on it
         default_batch = 2000 if self.device.type == "cuda" else (
             100 if self.quantized.backend == "int8" else 400)  # fmt: skip
+        # those sizes are for 32 x 32 images; larger inputs (ImageNet's 224 x 224) get batches
+        # of about as many pixels, or every batch allocates gigabytes of activations
+        pixels = int(np.prod(self.images.shape[1:]))
+        default_batch = max(1, default_batch * 3072 // max(pixels, 3072))
         self.batch_size = int(requested_batch or default_batch)
         self._configure_budget(budget, bits, keep_first_last, budget_mode)
         self._memo: dict[tuple, Any] = {}
@@ -699,6 +704,13 @@ def make_problem(
     differ only in budget settings or ``cache_dir`` share model, data, calibration and the
     in-memory evaluation cache (see :meth:`QuantizationProblem.with_options`).
     """
+    if dataset == "imagenet" or model in ("resnet50", "mobilenet_v2"):
+        from arq_gym.envs import IMAGENET_NEEDS
+
+        for key, value in (("checkpoint", checkpoint), ("data_dir", data_dir)):
+            if value is None:
+                raise ValueError(f"the ImageNet benchmark ({model}) needs {key}=PATH: "
+                                 f"{IMAGENET_NEEDS[key]}")  # fmt: skip
     fid = get_fidelity(fidelity, images=images, n=n, n_p=n_p, alpha=alpha)
     dev = _resolve_device(device)
     if sigma is not None and (

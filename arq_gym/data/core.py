@@ -412,6 +412,10 @@ def load(
     Decoded arrays are cached as ``.npz`` in the user cache directory, keyed by the sha256 of
     the source, so a changed source is decoded again and a stale cache is never used.
     """
+    if name.lower() == "imagenet":  # never downloaded; decoded lazily (arq_gym.data.imagenet)
+        from arq_gym.data.imagenet import load_imagenet
+
+        return load_imagenet(data_dir)
     name = canonical_name(name)
     path, fmt = locate(name, data_dir, download)
     try:

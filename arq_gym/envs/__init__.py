@@ -2,12 +2,20 @@
 
 ``import arq_gym`` registers (idempotently):
 
-==================  =========  ==============  =====  ===========  ======  ========
-id                  model      dataset         sigma  budget       reward  fidelity
-==================  =========  ==============  =====  ===========  ======  ========
-ARQ-ResNet20-v0     resnet20   CIFAR-10        0.25   1/64 FP32    acr     search
-ARQ-LeNet5-v0       lenet5     Fashion-MNIST   0.25   1/64 FP32    acr     search
-==================  =========  ==============  =====  ===========  ======  ========
+==================  ============  ==============  ======  ===========  ======  ========
+id                  model         dataset         sigma   budget       reward  fidelity
+==================  ============  ==============  ======  ===========  ======  ========
+ARQ-ResNet20-v0     resnet20      CIFAR-10        0.25    1/64 FP32    acr     search
+ARQ-LeNet5-v0       lenet5        Fashion-MNIST   0.25    1/64 FP32    acr     search
+ARQ-ResNet50-v0     resnet50      ImageNet        (ckpt)  1/64 FP32    acr     search
+ARQ-MobileNetV2-v0  mobilenet_v2  ImageNet        (ckpt)  1/64 FP32    acr     search
+==================  ============  ==============  ======  ===========  ======  ========
+
+The ImageNet ids need ``data_dir`` (the validation set, :mod:`arq_gym.data.imagenet`) and
+``checkpoint`` (Cohen et al.'s ResNet-50s load unchanged, :mod:`arq_gym.models.imagenet`):
+nothing can be shipped for them, and ``gym.make`` without them fails with one line saying where
+to get them. Their fidelity presets are sized for a GPU: at "search" one episode certifies 100
+images with n_p = 500 (51,000 forward passes of 4.1 G MACs for ResNet-50).
 
 ARQ-LeNet5-v0 searches every layer (``keep_first_last=None``): its first convolution holds 28%
 of the MACs, so pinning it at 8 bits alone would cost 1.76% of the FP32 BOPs, more than the
@@ -44,6 +52,30 @@ ENV_SPECS: dict[str, dict[str, Any]] = {
         "keep_first_last": None,
         "fidelity": "search",
     },
+    "ARQ-ResNet50-v0": {
+        "model": "resnet50",
+        "dataset": "imagenet",
+        "budget": 1 / 64,
+        "reward": "acr",
+        "keep_first_last": 8,
+        "fidelity": "search",
+    },
+    "ARQ-MobileNetV2-v0": {
+        "model": "mobilenet_v2",
+        "dataset": "imagenet",
+        "budget": 1 / 64,
+        "reward": "acr",
+        "keep_first_last": 8,
+        "fidelity": "search",
+    },
+}
+#: where a user gets what the ImageNet ids need (nothing can be shipped for them)
+IMAGENET_NEEDS = {
+    "checkpoint": "a noise-trained ImageNet model: Cohen et al.'s published ResNet-50s "
+                  "(github.com/locuslab/smoothing, models/imagenet/resnet50/noise_0.25/"
+                  "checkpoint.pth.tar, with sigma=0.25), or your own in torchvision's layout",
+    "data_dir": "the ImageNet validation set from image-net.org, as class folders "
+                "(val/<wnid>/*.JPEG) or a flat folder with labels.txt",
 }
 
 

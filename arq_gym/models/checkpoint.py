@@ -42,7 +42,7 @@ def _load_failure(exc: BaseException) -> str:
 
 
 #: Cohen et al.'s architecture names -> the package's (their ImageNet models)
-COHEN_ARCHITECTURES = {"resnet50": "resnet50"}
+COHEN_ARCHITECTURES = {"resnet50": "resnet50", "mobilenet_v2": "mobilenet_v2"}
 
 
 def _load_cohen(path: Path, blob: dict) -> tuple[nn.Module, dict]:
