@@ -78,6 +78,7 @@ class FinetuneConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     seed: int = 0
+    distill: float = 0.0  # weight of knowledge distillation from the FP32 network (0: plain CE)
     bf16: bool = True  # bf16 autocast for the convolutions on the CPU; quantizers stay fp32
     val_images: int = 2000
     calibration_images: int = 512
@@ -255,11 +256,15 @@ class NoisyBatches:
 
 
 def train_epoch(net: nn.Module, opt: torch.optim.Optimizer, sched: Any, batches: NoisyBatches,
-                desc: str, progress: bool = True, penalty: Any = None) -> dict[str, float]:  # fmt: skip
+                desc: str, progress: bool = True, penalty: Any = None,
+                teacher: nn.Module | None = None, distill: float = 0.0) -> dict[str, float]:  # fmt: skip
     """One epoch of cross-entropy training on noisy batches (bf16 autocast on the CPU unless
     disabled). ``penalty()``, when given, is added to the loss of every step and returns
-    ``(loss term, dict of floats to average and report)``. Returns the epoch's means
-    (``loss``, ``train_noisy_acc`` and the penalty's figures)."""
+    ``(loss term, dict of floats to average and report)``. With a ``teacher`` and ``distill``
+    in (0, 1] the loss is ``(1 - distill) * CE + distill * KL(teacher || student)`` on the same
+    noisy batch (knowledge distillation from the FP32 network, whose smoothed classifier is the
+    one to match). Returns the epoch's means (``loss``, ``train_noisy_acc`` and the penalty's
+    figures)."""
     net.train()
     total_loss, correct, seen = 0.0, 0, 0
     extra: dict[str, float] = {}
@@ -268,6 +273,11 @@ def train_epoch(net: nn.Module, opt: torch.optim.Optimizer, sched: Any, batches:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=batches.bf16):
             logits = net(x)
             loss = F.cross_entropy(logits.float(), y)
+            if teacher is not None and distill > 0:
+                with torch.no_grad():
+                    target = F.softmax(teacher(x).float(), dim=1)
+                kd = F.kl_div(F.log_softmax(logits.float(), dim=1), target, reduction="batchmean")
+                loss = (1 - distill) * loss + distill * kd
         if penalty is not None:
             term, figures = penalty()
             loss = loss + term
@@ -304,6 +314,8 @@ def check_config(cfg: Any) -> None:
         raise ValueError(f"lr must be a positive number, got {cfg.lr!r}")
     if cfg.train_images is not None and cfg.train_images < 1:
         raise ValueError(f"train_images must be >= 1, got {cfg.train_images!r}")
+    if not 0.0 <= getattr(cfg, "distill", 0.0) <= 1.0:
+        raise ValueError(f"distill must be in [0, 1], got {cfg.distill!r}")
 
 
 def finetune(
@@ -362,6 +374,7 @@ def finetune(
     calib = calibration_images(splits.train, cfg.calibration_images, seed=0)
     qmodel = QuantizedModel(model.cpu(), calib, sigma, seed=0)
     net = QATNetwork(qmodel, policy).to(device)
+    teacher = copy.deepcopy(model).to(device).eval() if cfg.distill > 0 else None
     layers = qmodel.layers
     del qmodel
 
@@ -391,7 +404,9 @@ def finetune(
         if saved.get("format") != RESUME_FORMAT:
             raise ValueError(f"{resume_path} is not a fine-tuning resume file")
         mine = {"config": asdict(cfg), "policy": policy.to_dict(), "parent": meta.get("sha256")}
-        theirs = {k: saved[k] for k in mine}
+        # settings added since the file was written take their defaults
+        theirs = {k: saved[k] for k in mine} | {"config": {**asdict(FinetuneConfig()),
+                                                            **saved["config"]}}  # fmt: skip
         if mine != theirs:
             raise ValueError(f"{resume_path} was made with other settings: {theirs}")
         net.load_state_dict(saved["model"])
@@ -410,7 +425,8 @@ def finetune(
     epochs = range(state["epoch"], cfg.epochs)
     for epoch in epochs:
         stats = train_epoch(net, opt, sched, batches, desc=f"finetune epoch {epoch + 1}/"
-                            f"{cfg.epochs}", progress=progress)  # fmt: skip
+                            f"{cfg.epochs}", progress=progress, teacher=teacher,
+                            distill=cfg.distill)  # fmt: skip
         net.eval()
         val = noisy_accuracy(net, val_x, val_y, sigma)
         rec = {"epoch": epoch + 1, **stats, "val_noisy_acc": val, "lr": sched.get_last_lr()[0],

@@ -167,3 +167,18 @@ def test_int8_path_agrees_on_finetuned_network(finetuned, splits):
     with torch.no_grad():
         agree = float((ref(x).argmax(1) == fast(x).argmax(1)).float().mean())
     assert agree >= 0.995, agree
+
+
+def test_distillation_from_the_fp32_network(lenet, splits, tmp_path):
+    """--distill mixes in the KL to the FP32 network's predictions on the same noisy images."""
+    model, meta = lenet
+    policy = Policy.uniform(5, 3, keep_first_last=None)
+    runs = {}
+    for w in (0.0, 0.7):
+        cfg = FinetuneConfig(epochs=1, train_images=600, val_images=200, distill=w)
+        runs[w] = finetune(model, meta, policy, tmp_path / str(w), cfg, splits=splits,
+                           progress=False, tensorboard=False)  # fmt: skip
+    assert runs[0.7]["config"]["distill"] == 0.7
+    assert runs[0.7]["history"][0]["loss"] != runs[0.0]["history"][0]["loss"]
+    with pytest.raises(ValueError, match="distill"):
+        finetune(model, meta, policy, tmp_path / "bad", FinetuneConfig(distill=1.5), splits=splits)

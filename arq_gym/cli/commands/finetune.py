@@ -27,6 +27,9 @@ def _add_finetune(p: argparse.ArgumentParser) -> None:
                    help="held-out validation images for model selection (default 2,000)")  # fmt: skip
     p.add_argument("--train-images", type=int, default=None,
                    help="use only K evenly spaced training images (quick runs)")  # fmt: skip
+    p.add_argument("--distill", type=float, default=0.0, metavar="W",
+                   help="weight in [0, 1] of knowledge distillation from the FP32 network on "
+                        "the same noisy images (default 0: cross-entropy only)")  # fmt: skip
     p.add_argument("--no-bf16", action="store_true", help="no bf16 autocast (plain fp32)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--data-dir", default=None)
@@ -67,7 +70,7 @@ def cmd_finetune(args) -> dict:
     sample = torch.from_numpy(splits.val.x[:1]).float() / 255.0
     policy, what = resolve_policy(args.policy, args.uniform, find_layers(model, sample))
     cfg = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         weight_decay=args.weight_decay, seed=args.seed,
+                         weight_decay=args.weight_decay, seed=args.seed, distill=args.distill,
                          bf16=not args.no_bf16, val_images=args.val_images,
                          train_images=args.train_images, device=args.device)  # fmt: skip
     summary = finetune(model, meta, policy, args.out, cfg, splits=splits, resume=args.resume,
