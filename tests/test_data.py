@@ -153,6 +153,8 @@ def test_truncated_idx_is_reported(tmp_path, data_dir, isolated_cache):
 
 def test_unknown_dataset():
     with pytest.raises(D.DataError, match="unknown dataset"):
+        D.load("tinyimagenet")
+    with pytest.raises(D.DataError, match="never downloaded"):  # ImageNet: data_dir or nothing
         D.load("imagenet")
 
 
