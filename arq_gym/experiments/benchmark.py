@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from arq_gym.experiments.parallel import run_searches
-from arq_gym.experiments.search import SearchError, _normalise, load_records
+from arq_gym.experiments.search import SearchError, _normalise, finished_search, load_records
 from arq_gym.files import atomic_write_bytes, atomic_write_text, dumps
 
 __all__ = ["LEADERBOARD_FIELDS", "benchmark", "episodes_to_fraction", "parse_agent_kwargs"]
@@ -94,20 +94,6 @@ def _run_name(agent: str, seed: int) -> str:
     base = agent.rpartition(":")[2] if ":" in agent else agent
     base = re.sub(r"[^A-Za-z0-9_.-]+", "_", base)
     return f"{base}-s{seed}"
-
-
-def _finished(run_dir: Path, episodes: int, final_eval: bool) -> dict | None:
-    """The run's search.json when the run is complete (no work left), else None."""
-    path = run_dir / "search.json"
-    if not path.is_file():
-        return None
-    try:
-        res = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if res.get("episodes") != episodes or (final_eval and "final" not in res):
-        return None
-    return res
 
 
 def _accepts(env_id: str, kwarg: str) -> bool:
@@ -216,7 +202,7 @@ def benchmark(
         for seed in range(seeds):
             run = _run_name(agent, seed)
             run_dir = out / "runs" / run
-            done = _finished(run_dir, episodes, final_eval)
+            done = finished_search(run_dir, episodes, final_eval)
             if done is not None:
                 results[run] = done | {"run": run}
                 skipped.append(run)

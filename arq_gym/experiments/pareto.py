@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from arq_gym.experiments.search import SearchError, make_env
+from arq_gym.experiments.search import SearchError, finished_search, make_env
 from arq_gym.files import atomic_write_bytes, atomic_write_text, dumps
 
 __all__ = ["UNIFORM_BITS", "budget_label", "pareto"]
@@ -51,17 +51,6 @@ def budget_label(budget: float) -> str:
     """``"1/64"`` for a budget that is one over an integer, else the number (``"0.02"``)."""
     frac = Fraction(budget).limit_denominator(100_000)
     return f"1/{frac.denominator}" if frac.numerator == 1 else f"{budget:g}"
-
-
-def _finished(run_dir: Path, episodes: int) -> dict | None:
-    path = run_dir / "search.json"
-    if not path.is_file():
-        return None
-    try:
-        res = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return res if res.get("episodes") == episodes else None
 
 
 def pareto(
@@ -147,7 +136,7 @@ def pareto(
     for b in values:
         run = budget_label(b)
         run_dir = out / "searches" / run.replace("/", "-")
-        done = _finished(run_dir, episodes)
+        done = finished_search(run_dir, episodes)
         if done is not None:
             searches[run] = done
             continue

@@ -57,6 +57,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "final_evaluation",
+    "finished_search",
     "load_records",
     "parse_kwargs",
     "search",
@@ -455,6 +456,21 @@ def _check_out(out: Path, resume: bool) -> dict | None:
     if prev.get("format") != RUN_FORMAT:
         raise SearchError(f"{run_json} is not an arq-gym search run")
     return prev
+
+
+def finished_search(run_dir: Path, episodes: int, final_eval: bool = False) -> dict | None:
+    """A search folder's search.json when its run is complete (``episodes`` done, and the final
+    evaluation when ``final_eval``), else None: the runners skip such runs."""
+    path = run_dir / "search.json"
+    if not path.is_file():
+        return None
+    try:
+        res = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if res.get("episodes") != episodes or (final_eval and "final" not in res):
+        return None
+    return res
 
 
 def make_env(env_id: str, env_kwargs: Mapping[str, Any]):
