@@ -675,7 +675,7 @@ def _file_ident(path: str | os.PathLike) -> tuple:
 
 
 def make_problem(
-    model: str = "resnet20",
+    model: Any = "resnet20",
     dataset: str | None = None,
     sigma: float | None = None,
     checkpoint: str | os.PathLike | None = None,
@@ -694,17 +694,34 @@ def make_problem(
     seed: int = 0,
     progress: bool = True,
     backend: str = "auto",
+    data: Any = None,
 ) -> QuantizationProblem:
     """Build (or reuse) the problem the environments' keyword arguments describe.
 
     The base model is the shipped one for ``(model, dataset, sigma)`` (sigma defaults to 0.25),
     or the checkpoint at ``checkpoint`` (its metadata gives architecture and dataset; ``sigma``
-    defaults to the sigma it was trained with). Problems are memoised process-wide by their
+    defaults to the sigma it was trained with), or a user's own: ``model`` an ``nn.Module`` or
+    ``"package.module:factory"`` with ``data`` and ``sigma`` (:mod:`arq_gym.custom`). Problems are memoised process-wide by their
     arguments, so the calibration and the IRS cache are built once per process; problems that
     differ only in budget settings or ``cache_dir`` share model, data, calibration and the
     in-memory evaluation cache (see :meth:`QuantizationProblem.with_options`).
     """
-    if dataset == "imagenet" or model in ("resnet50", "mobilenet_v2"):
+    from arq_gym.custom import is_custom, load_custom
+
+    custom = None
+    if is_custom(model, data):
+        if checkpoint is not None:
+            raise ValueError("give either checkpoint= or a custom model= with data=, not both")
+        if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, (int, float))):
+            raise ValueError(f"sigma must be a positive number, got {sigma!r}")
+        if model is None:
+            raise ValueError("a custom problem needs model=: an nn.Module or "
+                             "'package.module:factory'")  # fmt: skip
+        custom = load_custom(model, data, sigma, seed=0)
+    elif model is None:
+        raise ValueError("model= is missing: a shipped model name, an nn.Module or "
+                         "'package.module:factory' (with data= and sigma=)")  # fmt: skip
+    elif dataset == "imagenet" or model in ("resnet50", "mobilenet_v2"):
         from arq_gym.envs import IMAGENET_NEEDS
 
         for key, value in (("checkpoint", checkpoint), ("data_dir", data_dir)):
@@ -725,11 +742,13 @@ def make_problem(
         )  # fmt: skip
     else:
         data_ident = None if data_dir is None else str(Path(data_dir).expanduser().resolve())
-    model_ident = (
-        ("checkpoint", _file_ident(checkpoint))
-        if checkpoint is not None
-        else ("shipped", model, dataset, 0.25 if sigma is None else float(sigma))
-    )
+    if custom is not None:
+        model_ident = ("custom", custom[1]["architecture"], custom[1]["sha256"])
+        data_ident = custom[2].sha256
+    elif checkpoint is not None:
+        model_ident = ("checkpoint", _file_ident(checkpoint))
+    else:
+        model_ident = ("shipped", model, dataset, 0.25 if sigma is None else float(sigma))
     cache_ident = None if cache_dir is None else str(Path(cache_dir).expanduser().resolve())
     base_key = (model_ident, None if sigma is None else float(sigma), fid, str(dev), data_ident,
                 int(seed), backend)  # fmt: skip
@@ -745,29 +764,33 @@ def make_problem(
         else:
             problem = _build_problem(model, dataset, sigma, checkpoint, budget, bits,
                                      keep_first_last, budget_mode, fid, dev, data_dir, cache_dir,
-                                     seed, progress, backend)  # fmt: skip
+                                     seed, progress, backend, custom)  # fmt: skip
         _MEMO[(base_key, budget_key)] = problem
         return problem
 
 
 def _build_problem(model, dataset, sigma, checkpoint, budget, bits, keep_first_last,
-                   budget_mode, fid, dev, data_dir, cache_dir, seed, progress, backend):  # fmt: skip
+                   budget_mode, fid, dev, data_dir, cache_dir, seed, progress, backend,
+                   custom=None):  # fmt: skip
     from arq_gym import data as data_mod
     from arq_gym.models import load_checkpoint, load_shipped
 
-    if checkpoint is not None:
-        net, meta = load_checkpoint(checkpoint)
-        for key in ("architecture", "dataset", "sigma"):
-            if key not in meta:
-                raise ValueError(f"checkpoint {checkpoint} has no {key!r} in its metadata")
-        if meta["sigma"] is None and sigma is None:  # Cohen et al.'s files do not say it
-            raise ValueError(f"checkpoint {checkpoint} does not record its noise level; pass "
-                             "sigma= (Cohen et al.'s folder names say it: noise_0.25)")  # fmt: skip
-        if meta["sigma"] is None:
-            meta["sigma"] = float(sigma)
+    if custom is not None:
+        net, meta, splits = custom
     else:
-        net, meta = load_shipped(model, dataset, 0.25 if sigma is None else float(sigma))
-    splits = data_mod.load(meta["dataset"], data_dir=data_dir)
+        if checkpoint is not None:
+            net, meta = load_checkpoint(checkpoint)
+            for key in ("architecture", "dataset", "sigma"):
+                if key not in meta:
+                    raise ValueError(f"checkpoint {checkpoint} has no {key!r} in its metadata")
+            if meta["sigma"] is None and sigma is None:  # Cohen et al.'s files do not say it
+                raise ValueError(f"checkpoint {checkpoint} does not record its noise level; pass "
+                                 "sigma= (Cohen et al.'s folder names say it: noise_0.25)")  # fmt: skip
+            if meta["sigma"] is None:
+                meta["sigma"] = float(sigma)
+        else:
+            net, meta = load_shipped(model, dataset, 0.25 if sigma is None else float(sigma))
+        splits = data_mod.load(meta["dataset"], data_dir=data_dir)
     return QuantizationProblem(
         net, meta, splits, sigma=sigma, budget=budget, bits=bits,
         keep_first_last=keep_first_last, budget_mode=budget_mode, fidelity=fid, device=str(dev),

@@ -54,7 +54,9 @@ def test_files_ship_in_the_package_and_path_rejects_unknown_algos():
 @pytest.mark.parametrize("algo", hyperparams.ALGOS)
 def test_hyperparameters_cover_every_id_in_episodes(algo):
     table = load(algo)
-    assert set(table) == set(ENV_SPECS), f"{algo}.yml must have one entry per registered id"
+    # ARQ-Custom-v0's episode length is the user's model's: no entry can be sized for it
+    sized = {k for k, spec in ENV_SPECS.items() if spec["model"] is not None}
+    assert set(table) == sized, f"{algo}.yml must have one entry per registered id with a model"
     for env_id, hp in table.items():
         L = episode_length(env_id)
         assert hp["policy"] == "MlpPolicy" and hp["gamma"] == 1.0

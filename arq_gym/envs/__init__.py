@@ -9,7 +9,12 @@ ARQ-ResNet20-v0     resnet20      CIFAR-10        0.25    1/64 FP32    acr     s
 ARQ-LeNet5-v0       lenet5        Fashion-MNIST   0.25    1/64 FP32    acr     search
 ARQ-ResNet50-v0     resnet50      ImageNet        (ckpt)  1/64 FP32    acr     search
 ARQ-MobileNetV2-v0  mobilenet_v2  ImageNet        (ckpt)  1/64 FP32    acr     search
+ARQ-Custom-v0       (yours)       (yours)         (yours) 1/64 FP32    acr     search
 ==================  ============  ==============  ======  ===========  ======  ========
+
+ARQ-Custom-v0 searches a user's own network: ``model=`` (an ``nn.Module`` or
+``"package.module:factory"``), ``data=`` and ``sigma=`` (:mod:`arq_gym.custom`); without them
+``gym.make`` fails with one line saying what is missing.
 
 The ImageNet ids need ``data_dir`` (the validation set, :mod:`arq_gym.data.imagenet`) and
 ``checkpoint`` (Cohen et al.'s ResNet-50s load unchanged, :mod:`arq_gym.models.imagenet`):
@@ -63,6 +68,14 @@ ENV_SPECS: dict[str, dict[str, Any]] = {
     "ARQ-MobileNetV2-v0": {
         "model": "mobilenet_v2",
         "dataset": "imagenet",
+        "budget": 1 / 64,
+        "reward": "acr",
+        "keep_first_last": 8,
+        "fidelity": "search",
+    },
+    "ARQ-Custom-v0": {
+        "model": None,
+        "dataset": None,
         "budget": 1 / 64,
         "reward": "acr",
         "keep_first_last": 8,

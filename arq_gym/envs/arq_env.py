@@ -217,7 +217,10 @@ class ARQEnv(gym.Env):
     - ``checkpoint``: path of your own base model (see :func:`arq_gym.models.save_checkpoint`).
     - ``render_mode``: None, ``"ansi"`` or ``"rgb_array"`` (see Rendering).
     - ``noise_seed``: seed of the certification noise (default 0).
-    - ``model``, ``dataset``: the shipped base model (fixed by the id).
+    - ``model``, ``dataset``: the shipped base model (fixed by the id), or with
+      ``ARQ-Custom-v0`` your own ``model`` (an ``nn.Module`` or ``"package.module:factory"``)
+      with ``data`` (an ``(images, labels)`` pair, a torch Dataset or a ``{"train", "val",
+      "test"}`` mapping) and ``sigma`` (:mod:`arq_gym.custom`).
     - ``problem``: a prebuilt :class:`~arq_gym.problem.QuantizationProblem` (then the problem
       arguments above are ignored).
 
@@ -266,7 +269,7 @@ class ARQEnv(gym.Env):
 
     def __init__(
         self,
-        model: str = "resnet20",
+        model: Any = "resnet20",
         dataset: str | None = None,
         sigma: float | None = None,
         budget: float = 1 / 64,
@@ -290,6 +293,7 @@ class ARQEnv(gym.Env):
         render_mode: str | None = None,
         noise_seed: int = 0,
         problem: QuantizationProblem | None = None,
+        data: Any = None,
     ) -> None:
         if reward not in REWARDS:
             raise ValueError(f"unknown reward {reward!r}; choose one of {', '.join(REWARDS)}")
@@ -317,6 +321,7 @@ class ARQEnv(gym.Env):
                 bits=bits, keep_first_last=keep_first_last, budget_mode=budget_mode,
                 fidelity=fidelity, images=images, n=n, n_p=n_p, alpha=alpha, device=device,
                 data_dir=data_dir, cache_dir=cache_dir, seed=noise_seed, backend=backend,
+                data=data,
             )  # fmt: skip
         elif not isinstance(problem, QuantizationProblem):
             raise ValueError(f"problem must be a QuantizationProblem, got {type(problem).__name__}")

@@ -1,7 +1,9 @@
 """rl-zoo3 hyperparameters for the registered ids, one YAML file per algorithm.
 
-Every file has an entry for each id of :data:`arq_gym.envs.ENV_SPECS`, sized in episodes of
-that env (ResNet-20: 20 steps, LeNet-5: 5 steps, the reward on the last one): ``n_timesteps``
+Every file has an entry for each id of :data:`arq_gym.envs.ENV_SPECS` with a fixed model (not
+ARQ-Custom-v0, whose episodes are as long as the user's network; copy an entry and size it),
+sized in episodes of that env (ResNet-20: 20 steps, LeNet-5: 5 steps, the reward on the last
+one): ``n_timesteps``
 is a search of 300 episodes, off-policy agents explore randomly for 20 episodes, keep 128 in
 the replay buffer and train once per episode; PPO updates every 4 episodes, A2C every episode;
 ``gamma`` is 1 (an episode is one candidate policy, its reward undiscounted). The values match
