@@ -54,6 +54,8 @@ def cmd_envs(args) -> dict:
     envs = []
     for env_id, spec in ENV_SPECS.items():
         kwargs = {**defaults, **spec}
+        if spec.get("model") is None:  # ARQ-Custom-v0: model, data and sigma are the user's
+            kwargs.update(sigma=None, data=None)
         envs.append({"id": env_id, "kwargs": kwargs, "fidelity": _fidelity_settings(kwargs)})
     return {"envs": envs}
 
