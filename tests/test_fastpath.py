@@ -341,3 +341,28 @@ def test_bench_speed_rejects_bad_input(capsys):
 
     assert main(["bench-speed", "--quick", "--threads", "0"]) == 2
     assert "threads" in capsys.readouterr().err
+
+
+def test_bench_speed_models_measures_depthwise_networks_and_extrapolates(capsys):
+    """``--models``: MobileNetV2 for CIFAR (17 depthwise layers) measured on every path, with the
+    search fidelity extrapolated from the measured throughput and pipeline overhead."""
+    from arq_gym.cli import main
+
+    rc = main(["bench-speed", "--models", "mobilenet_v2_cifar", "--quick", "--json",
+               "--no-progress"])  # fmt: skip
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    row = res["models"]["mobilenet_v2_cifar"]
+    assert row["layers"] == 53 and row["depthwise_layers"] == 17 and row["input"] == [3, 32, 32]
+    assert row["flops_per_sample"] > 0 and row["samples_per_second"]["fp32-reference"] > 0
+    ext, red = row["search_extrapolated"], row["reduced"]
+    assert ext["episode_forward_passes"] == 100 * 500
+    rate = row["samples_per_second"][row["fastest_path"]]
+    assert ext["episode_seconds"] == pytest.approx(
+        50_000 / rate * red["overhead_over_forward_time"], rel=0.01)
+    assert red["policy_forward_passes"] == red["images"] * (red["n0"] + red["n"])
+    if check_int8_kernel():
+        assert row["agreement"]["int8"]["disagreements"] <= row["agreement"]["int8"]["samples"]
+    assert res["gpu"].startswith("not measured") or res["gpu"].startswith("measured")
+    assert main(["bench-speed", "--models", "vgg16", "--quick"]) == 2
+    assert "unknown architecture 'vgg16'" in capsys.readouterr().err

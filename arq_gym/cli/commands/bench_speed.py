@@ -37,6 +37,12 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-naive", action="store_true", help="skip the naive baseline")
     p.add_argument("--no-onnx", action="store_true",
                    help="skip the ONNX Runtime row (skipped anyway without the [onnx] extra)")  # fmt: skip
+    p.add_argument("--models", default=None, metavar="A,B",
+                   help="measure these architectures instead (resnet50, mobilenet_v2, "
+                        "mobilenet_v2_cifar, resnet20, lenet5): throughput of every path, one "
+                        "policy at a reduced setting, the search fidelity extrapolated")  # fmt: skip
+    p.add_argument("--device", default="cpu",
+                   help="with --models: cpu, or cuda to measure the float paths on a GPU")  # fmt: skip
     p.add_argument("--data-dir", default=None)
     p.add_argument("--cache-dir", default=None, help="where the FP IRS cache is kept")
     p.add_argument("--no-progress", action="store_true")  # fmt: skip
@@ -47,6 +53,8 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
 )
 def cmd_bench_speed(args) -> dict:
     from pathlib import Path
+
+    import torch
 
     from arq_gym.experiments.bench_speed import (
         BenchConfig,
@@ -81,6 +89,17 @@ def cmd_bench_speed(args) -> dict:
         if not args.no_progress:
             print(f"bench-speed: {msg}", file=sys.stderr, flush=True)
 
+    if args.models:
+        from arq_gym.experiments.bench_models import run_model_bench
+
+        archs = [a.strip() for a in args.models.split(",") if a.strip()]
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise CLIError("--device cuda: no CUDA device here")
+        try:
+            return run_model_bench(archs, device=args.device, compile=not args.no_compile,
+                                   quick=args.quick, log=log)  # fmt: skip
+        except ValueError as exc:
+            raise CLIError(str(exc)) from None
     if args.threads_only:
         if args.no_thread_probe:
             raise CLIError("--threads-only and --no-thread-probe exclude each other")
