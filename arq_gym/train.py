@@ -8,6 +8,15 @@ accuracy in far fewer epochs, which is what fits a CPU). Training uses bf16 auto
 channels_last on the CPU by default: measured 1,500 images/s against 720 for plain fp32 at
 batch 128 on 2 cores. Only the train split is used; the validation split is held out.
 
+``consistency`` (lambda > 0) adds the consistency regulariser of Jeong and Shin (2020,
+"Consistency Regularization for Certified Robustness of Smoothed Classifiers"): every image is
+seen with ``noise_copies`` independent noise draws (m, default 2), and the loss is the mean
+cross-entropy over the copies plus lambda times the mean KL divergence from the copies' mean
+prediction to each copy's, plus ``consistency_eta`` times the entropy of the mean prediction.
+It makes the base classifier's prediction under noise more stable, which is what the smoothed
+classifier's certified radius rewards (the paper reports gains largest at sigma 0.5 and 1.0). A
+batch then costs m forward passes per image.
+
 ``init`` warm-starts from another checkpoint of the same architecture, dataset and sigma: its
 weights are loaded and a fresh cosine schedule runs for ``epochs`` more (a warm restart in the
 sense of SGDR, Loshchilov and Hutter 2017). The metadata records the parent's sha256 and
@@ -54,6 +63,25 @@ class TrainConfig:
     device: str = "cpu"
     train_images: int | None = None  # use only K evenly spaced training images (quick runs)
     init: str | None = None  # warm start: a checkpoint whose weights training starts from
+    consistency: float = 0.0  # lambda of the consistency regulariser (0: plain Gaussian noise)
+    noise_copies: int = 2  # m: noisy copies of every image when consistency > 0
+    consistency_eta: float = 0.5  # weight of the entropy of the copies' mean prediction
+
+
+def consistency_loss(logits: torch.Tensor, y: torch.Tensor, lam: float, eta: float = 0.5
+                     ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``(loss, cross_entropy)`` for ``logits`` of shape ``[m, B, C]`` (m noisy copies of a batch
+    of B images with labels ``y``): the mean cross-entropy over the copies, plus ``lam`` times
+    the mean over copies of KL(mean prediction || copy's prediction), plus ``eta`` times the
+    entropy of the mean prediction (Jeong and Shin 2020)."""
+    m, b, c = logits.shape
+    ce = F.cross_entropy(logits.reshape(m * b, c), y.repeat(m))
+    log_p = F.log_softmax(logits, dim=-1)
+    p_mean = log_p.exp().mean(0)
+    log_mean = p_mean.clamp_min(1e-12).log()
+    kl = (p_mean * (log_mean - log_p)).sum(-1).mean()  # averaged over copies and images
+    entropy = -(p_mean * log_mean).sum(-1).mean()
+    return ce + lam * kl + eta * entropy, ce
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator, crop: bool) -> torch.Tensor:
@@ -110,6 +138,11 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir=None, resume: bool 
         raise ValueError(f"sigma must be >= 0, got {cfg.sigma}")
     if cfg.epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {cfg.epochs}")
+    if not cfg.consistency >= 0 or cfg.noise_copies < 1 or not cfg.consistency_eta >= 0:
+        raise ValueError("consistency and its eta must be >= 0 and noise_copies >= 1, got "
+                         f"{cfg.consistency}, {cfg.consistency_eta}, {cfg.noise_copies}")  # fmt: skip
+    if cfg.consistency > 0 and cfg.noise_copies < 2:
+        raise ValueError("the consistency regulariser compares noisy copies: noise_copies >= 2")
     dataset = cfg.dataset or ARCHITECTURES[cfg.model][1]
     cfg.dataset = dataset
     out = Path(out)
@@ -165,13 +198,22 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir=None, resume: bool 
         for step in bar:
             idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             x = _augment(x_all[idx].float().div_(255), gen, crop)
+            copies = cfg.noise_copies if cfg.consistency > 0 else 1
+            if copies > 1:  # the same augmented images, independent noise per copy
+                x = x.repeat(copies, 1, 1, 1)
             x = x + cfg.sigma * torch.randn(x.shape, generator=gen)
             y = y_all[idx]
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16 and cfg.device == "cpu"):
-                logits = model(x.to(cfg.device))
-                loss = F.cross_entropy(logits.float(), y.to(cfg.device))
+                logits = model(x.to(cfg.device)).float()
+                if copies > 1:
+                    logits = logits.reshape(copies, len(y), -1)
+                    loss, _ = consistency_loss(logits, y.to(cfg.device), cfg.consistency,
+                                               cfg.consistency_eta)  # fmt: skip
+                    logits = logits[0]
+                else:
+                    loss = F.cross_entropy(logits, y.to(cfg.device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

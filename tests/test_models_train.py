@@ -213,3 +213,39 @@ def test_warm_start_records_lineage_and_checks_the_parent(tmp_path, data_dir, on
     assert main(["train", "--model", "lenet5", "--sigma", "0.25", "--epochs", "1", "--init", str(wrong),
                  "--out", str(tmp_path / "bad.pt"), "--data-dir", str(data_dir)]) == 2
     assert "--init checkpoint" in capsys.readouterr().err and not (tmp_path / "bad.pt").exists()
+
+
+def test_consistency_loss_is_cross_entropy_when_copies_agree_and_penalises_disagreement():
+    import torch.nn.functional as F
+
+    from arq_gym.train import consistency_loss
+
+    torch.manual_seed(0)
+    y = torch.tensor([0, 2, 1])
+    one = torch.randn(3, 4)
+    same = one.expand(2, 3, 4)
+    loss, ce = consistency_loss(same, y, lam=10.0, eta=0.0)
+    assert torch.allclose(loss, ce) and torch.allclose(ce, F.cross_entropy(one, y))  # KL = 0
+    apart = torch.stack([one, one + 3 * torch.randn(3, 4)])
+    loss2, ce2 = consistency_loss(apart, y, lam=10.0, eta=0.0)
+    assert loss2 > ce2 + 0.1  # disagreeing copies cost more than their cross-entropy
+    # the KL term's gradient pulls the copies together
+    logits = apart.clone().requires_grad_(True)
+    consistency_loss(logits, y, lam=10.0, eta=0.0)[0].backward()
+    step = logits - 0.01 * logits.grad
+    gap = (F.softmax(apart[0], -1) - F.softmax(apart[1], -1)).abs().sum()
+    assert (F.softmax(step[0], -1) - F.softmax(step[1], -1)).abs().sum() < gap
+
+
+def test_training_with_consistency_runs_and_records_it(tmp_path, data_dir, one_torch_thread, capsys):
+    from arq_gym.cli import main
+
+    out = tmp_path / "cons.pt"
+    assert main(["train", "--model", "lenet5", "--sigma", "0.5", "--epochs", "1", "--train-images",
+                 "512", "--consistency", "20", "--out", str(out), "--data-dir", str(data_dir)]) == 0
+    _, meta = load_checkpoint(out)
+    assert meta["config"]["consistency"] == 20.0 and meta["config"]["noise_copies"] == 2
+    assert meta["history"][0]["loss"] > 0
+    assert main(["train", "--model", "lenet5", "--consistency", "5", "--noise-copies", "1",
+                 "--out", str(tmp_path / "bad.pt"), "--data-dir", str(data_dir)]) == 2
+    assert "noise_copies >= 2" in capsys.readouterr().err

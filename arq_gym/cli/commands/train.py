@@ -20,6 +20,13 @@ def _add_train(p):
     p.add_argument("--log-dir", default=None, help="TensorBoard folder (default: OUT.tb)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--train-images", type=int, default=None, help="use only K training images")
+    p.add_argument("--consistency", type=float, default=0.0, metavar="LAMBDA",
+                   help="consistency regulariser across noisy copies (Jeong and Shin 2020; they "
+                        "use 10 at sigma 0.25, 20 at 0.5 and 1.0 with m = 2); 0: plain noise")  # fmt: skip
+    p.add_argument("--noise-copies", type=int, default=2, metavar="M",
+                   help="noisy copies of each image with --consistency (default 2)")
+    p.add_argument("--consistency-eta", type=float, default=0.5,
+                   help="weight of the mean prediction's entropy with --consistency (0.5)")
     p.add_argument("--init", default=None, metavar="CKPT",
                    help="warm start from this checkpoint (same model, dataset, sigma); a fresh "
                         "cosine schedule of --epochs follows")
@@ -32,7 +39,9 @@ def cmd_train(args) -> dict:
     cfg = TrainConfig(model=args.model, dataset=args.dataset, sigma=args.sigma, epochs=args.epochs,
                       batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       bf16=not args.no_bf16, device=args.device,
-                      train_images=args.train_images, init=args.init)
+                      train_images=args.train_images, init=args.init,
+                      consistency=args.consistency, noise_copies=args.noise_copies,
+                      consistency_eta=args.consistency_eta)
     meta = train(cfg, args.out, data_dir=args.data_dir, resume=args.resume,
                  log_dir=args.log_dir or (args.out + ".tb"))
     return {k: v for k, v in meta.items() if k != "history"} | {"out": args.out}
