@@ -705,23 +705,21 @@ def make_problem(
     The base model is the shipped one for ``(model, dataset, sigma)`` (sigma defaults to 0.25),
     or the checkpoint at ``checkpoint`` (its metadata gives architecture and dataset; ``sigma``
     defaults to the sigma it was trained with), or a user's own: ``model`` an ``nn.Module`` or
-    ``"package.module:factory"`` with ``data`` and ``sigma`` (:mod:`arq_gym.custom`). Problems are memoised process-wide by their
-    arguments, so the calibration and the IRS cache are built once per process; problems that
-    differ only in budget settings or ``cache_dir`` share model, data, calibration and the
-    in-memory evaluation cache (see :meth:`QuantizationProblem.with_options`).
+    ``"package.module:factory"`` with ``data`` and ``sigma`` (:mod:`arq_gym.custom`). Problems
+    are memoised process-wide by their arguments, so the calibration and the IRS cache are built
+    once per process; problems that differ only in budget settings or ``cache_dir`` share model,
+    data, calibration and the in-memory evaluation cache (see
+    :meth:`QuantizationProblem.with_options`).
     """
     from arq_gym.custom import is_custom, load_custom
 
-    custom = None
-    if is_custom(model, data):
+    custom = is_custom(model, data)
+    if custom:
         if checkpoint is not None:
             raise ValueError("give either checkpoint= or a custom model= with data=, not both")
-        if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, (int, float))):
-            raise ValueError(f"sigma must be a positive number, got {sigma!r}")
         if model is None:
             raise ValueError("a custom problem needs model=: an nn.Module or "
                              "'package.module:factory'")  # fmt: skip
-        custom = load_custom(model, data, sigma, seed=0)
     elif model is None:
         raise ValueError("model= is missing: a shipped model name, an nn.Module or "
                          "'package.module:factory' (with data= and sigma=)")  # fmt: skip
@@ -739,6 +737,8 @@ def make_problem(
         or sigma <= 0
     ):  # fmt: skip
         raise ValueError(f"sigma must be a positive number, got {sigma!r}")
+    # a user's model and data, checked and split (None: a shipped model or a checkpoint)
+    custom = load_custom(model, data, sigma, seed=0) if custom else None
     if data_dir is None and os.environ.get("ARQ_GYM_DATA"):
         data_ident = os.pathsep.join(
             str(Path(part).expanduser().resolve())
