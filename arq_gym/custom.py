@@ -155,11 +155,9 @@ def splits_from_data(data: Any, seed: int = 0) -> Splits:
     for s in (train, val, test):
         h.update(s.sha256().encode())
     num_classes = int(max(s.y.max() for s in (train, val, test))) + 1
-    channels = train.x.shape[1]
-    mean = tuple(float(v) for v in train.x.mean(axis=(0, 2, 3)) / 255.0)
-    std = tuple(float(v) for v in train.x.std(axis=(0, 2, 3)) / 255.0)
+    # no normalisation statistics: a user's model normalises its inputs itself
     info = DatasetInfo(CUSTOM_DATASET, tuple(str(c) for c in range(num_classes)),
-                       (channels, *train.x.shape[2:]), mean, std)  # fmt: skip
+                       tuple(train.x.shape[1:]), (), ())  # fmt: skip
     return Splits(name=CUSTOM_DATASET, train=train, val=val, test=test, source="user data",
                   format="arrays", sha256=h.hexdigest(), info=info)  # fmt: skip
 

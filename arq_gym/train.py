@@ -68,10 +68,10 @@ class TrainConfig:
     consistency_eta: float = 0.5  # weight of the entropy of the copies' mean prediction
 
 
-def consistency_loss(logits: torch.Tensor, y: torch.Tensor, lam: float, eta: float = 0.5
-                     ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """``(loss, cross_entropy)`` for ``logits`` of shape ``[m, B, C]`` (m noisy copies of a batch
-    of B images with labels ``y``): the mean cross-entropy over the copies, plus ``lam`` times
+def consistency_loss(logits: torch.Tensor, y: torch.Tensor, lam: float,
+                     eta: float = 0.5) -> torch.Tensor:  # fmt: skip
+    """The loss for ``logits`` of shape ``[m, B, C]`` (m noisy copies of a batch of B images with
+    labels ``y``): the mean cross-entropy over the copies, plus ``lam`` times
     the mean over copies of KL(mean prediction || copy's prediction), plus ``eta`` times the
     entropy of the mean prediction (Jeong and Shin 2020)."""
     m, b, c = logits.shape
@@ -81,7 +81,7 @@ def consistency_loss(logits: torch.Tensor, y: torch.Tensor, lam: float, eta: flo
     log_mean = p_mean.clamp_min(1e-12).log()
     kl = (p_mean * (log_mean - log_p)).sum(-1).mean()  # averaged over copies and images
     entropy = -(p_mean * log_mean).sum(-1).mean()
-    return ce + lam * kl + eta * entropy, ce
+    return ce + lam * kl + eta * entropy
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator, crop: bool) -> torch.Tensor:
@@ -189,6 +189,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir=None, resume: bool 
     x_all = torch.from_numpy(train_split.x)
     y_all = torch.from_numpy(train_split.y)
     crop = dataset == "cifar10"
+    copies = cfg.noise_copies if cfg.consistency > 0 else 1  # noisy copies of every image
     t0 = time.time()
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
@@ -198,7 +199,6 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir=None, resume: bool 
         for step in bar:
             idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             x = _augment(x_all[idx].float().div_(255), gen, crop)
-            copies = cfg.noise_copies if cfg.consistency > 0 else 1
             if copies > 1:  # the same augmented images, independent noise per copy
                 x = x.repeat(copies, 1, 1, 1)
             x = x + cfg.sigma * torch.randn(x.shape, generator=gen)
@@ -209,8 +209,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir=None, resume: bool 
                 logits = model(x.to(cfg.device)).float()
                 if copies > 1:
                     logits = logits.reshape(copies, len(y), -1)
-                    loss, _ = consistency_loss(logits, y.to(cfg.device), cfg.consistency,
-                                               cfg.consistency_eta)  # fmt: skip
+                    loss = consistency_loss(logits, y.to(cfg.device), cfg.consistency,
+                                            cfg.consistency_eta)  # fmt: skip
                     logits = logits[0]
                 else:
                     loss = F.cross_entropy(logits, y.to(cfg.device))

@@ -31,7 +31,12 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from arq_gym.experiments.bench_speed import _noisy_batches, _throughputs, gemm_peaks
+from arq_gym.experiments.bench_speed import (
+    _noisy_batches,
+    _throughputs,
+    gemm_peaks,
+    throughput_limits,
+)
 from arq_gym.fidelity import get_fidelity
 
 #: architectures the command knows, with their input shape
@@ -59,7 +64,7 @@ def model_row(arch: str, peaks: dict, batch_size: int | None = None, batches: in
     """The measurements of the module docstring for one architecture. ``reduced``: images,
     n0 and n of the measured CERTIFY run."""
     from arq_gym.problem import default_batch_size
-    from arq_gym.quant import QuantizedModel, check_int8_kernel, find_layers, uniform_policy
+    from arq_gym.quant import QuantizedModel, check_int8_kernel, uniform_policy
     from arq_gym.smoothing import certify
 
     if arch not in INPUT_SHAPES:
@@ -67,17 +72,16 @@ def model_row(arch: str, peaks: dict, batch_size: int | None = None, batches: in
     shape = INPUT_SHAPES[arch]
     dev = torch.device(device)
     model, weights = _model(arch, sigma)
-    model.to(dev)
     gen = torch.Generator().manual_seed(0)
     images = torch.rand((16, *shape), generator=gen)
-    layers = find_layers(model, images[:1].to(dev))
+    t0 = time.perf_counter()  # layers found and ranges calibrated on the CPU, then moved
+    qref = QuantizedModel(model, images, sigma, seed=0).to(dev).eval()
+    calibration_seconds = time.perf_counter() - t0
+    model.to(dev)
+    layers = qref.layers
     flops = 2 * sum(layer.macs for layer in layers)
     bs = batch_size or default_batch_size(shape, dev.type, "int8" if dev.type == "cpu" else "reference")
     say(f"{arch}: {len(layers)} layers, {flops / 1e9:.2f} GFLOP per sample, batch {bs}")
-
-    t0 = time.perf_counter()
-    qref = QuantizedModel(model, images, sigma, seed=0).to(dev).eval()
-    calibration_seconds = time.perf_counter() - t0
     w4a4 = uniform_policy(layers, 4)
     qref.apply(w4a4)
     paths = {"fp32-reference": qref}
@@ -106,7 +110,7 @@ def model_row(arch: str, peaks: dict, batch_size: int | None = None, batches: in
             if name != "fp32-reference":
                 dis = sum(int((qm(x).argmax(1) != r).sum()) for x, r in zip(data, refs))
                 agreement[name] = {"samples": bs * len(data), "disagreements": dis}
-    limits = {k.split("_")[0]: v * 1e9 / flops for k, v in peaks.items() if k.endswith("_gflops")}
+    limits = throughput_limits(peaks, flops)
     best_path = max(paths, key=lambda p: sps[p])
     best = sps[best_path]
     arith = "int8" if best_path.startswith("int8") else "fp32"

@@ -175,6 +175,13 @@ def gemm_peaks(size: int = 2048, reps: int = 5) -> dict:
     return out
 
 
+def throughput_limits(peaks: dict, flops_per_sample: float) -> dict[str, float]:
+    """Samples/s each arithmetic's measured GEMM peak (:func:`gemm_peaks`) allows a network of
+    ``flops_per_sample``: ``{"fp32": ..., "bf16": ..., "int8": ...}``."""
+    return {k.split("_")[0]: v * 1e9 / flops_per_sample for k, v in peaks.items()
+            if k.endswith("_gflops")}  # fmt: skip
+
+
 def time_breakdown(qm, batch: torch.Tensor, rounds: int = 3) -> dict:
     """Where the forward time of ``qm`` goes (``torch.profiler``, ``rounds`` passes of
     ``batch``): the share spent inside the oneDNN int8 convolution kernel and its seconds per
@@ -599,8 +606,7 @@ def run_bench(cfg: BenchConfig, checkpoint: str | None = None, data_dir=None,
         naive = {"seconds": round(naive_seconds, 4), "acr": float(cert_naive.acr),
                  "forward_passes": int(cert_naive.forward_passes)}  # fmt: skip
 
-    limits = {k.split("_")[0]: v * 1e9 / flops for k, v in peaks.items()
-              if k.endswith("_gflops")}  # fmt: skip
+    limits = throughput_limits(peaks, flops)
     arith = {"fp32-reference": "fp32", "fp32-channels_last": "fp32", "int8": "int8",
              "int8-compiled": "int8", "int8-compiled-unfolded": "int8"}  # fmt: skip
     best_q = max(sps, key=lambda p: sps[p].get("w4a4", 0.0))

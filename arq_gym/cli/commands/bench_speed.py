@@ -89,6 +89,8 @@ def cmd_bench_speed(args) -> dict:
         if not args.no_progress:
             print(f"bench-speed: {msg}", file=sys.stderr, flush=True)
 
+    if args.device != "cpu" and not args.models:
+        raise CLIError("--device applies to --models (the ResNet-20 benchmark runs on the CPU)")
     if args.models:
         from arq_gym.experiments.bench_models import run_model_bench
 
