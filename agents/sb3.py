@@ -49,6 +49,7 @@ from gymnasium import spaces
 from stable_baselines3 import A2C, DDPG, DQN, PPO, SAC, TD3
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.noise import NormalActionNoise
 from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 
@@ -154,6 +155,13 @@ class SB3Agent(Agent):
             self.model = self.algo_class("MlpPolicy", env, seed=self.seed, verbose=0, **kwargs)
         except TypeError as exc:
             raise ValueError(f"agent {self.name!r}: {exc}") from None
+        self._quiet_logger()
+
+    def _quiet_logger(self) -> None:
+        # without tensorboard_log SB3 makes a fresh logger, and an empty temporary folder, on
+        # every learn() call: one per episode here. One silent logger for the whole search.
+        if not self._kwargs.get("tensorboard_log"):
+            self.model.set_logger(Logger(folder=None, output_formats=[]))
 
     def act(self, obs: np.ndarray, explore: bool = True) -> Any:
         action, _ = self.model.predict(obs, deterministic=not explore)
@@ -199,6 +207,7 @@ class SB3Agent(Agent):
         )
         if "replay_buffer" in state and isinstance(self.model, OffPolicyAlgorithm):
             self.model.load_replay_buffer(io.BytesIO(state["replay_buffer"]))
+        self._quiet_logger()
 
 
 class SB3DDPG(SB3Agent):

@@ -269,6 +269,19 @@ def test_sb3_agents_run_exact_episode_counts_and_resume(name):
     assert len(more) == 2 and b.episodes_done == 11
 
 
+def test_sb3_agents_leave_no_temporary_folders(tmp_path, monkeypatch):
+    # SB3 names a fresh temporary log folder on each learn() call unless given a logger
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    a = agents.make("sb3-td3", toy(), seed=0, learning_starts=10)
+    a.run(3, lambda r, info: None)
+    b = agents.make("sb3-td3", toy(), seed=0)
+    b.load_state_dict(a.state_dict())
+    b.run(1, lambda r, info: None)
+    assert b.episodes_done == 4 and list(tmp_path.iterdir()) == []
+
+
 def test_sb3_dqn_on_discrete_env():
     a = agents.make("sb3-dqn", toy(action_type="discrete"), seed=0)
     assert a.model.gamma == 1.0 and a.model.learning_starts == 25

@@ -6,7 +6,8 @@ from arq_gym.cli import command
 
 
 def _add_train(p):
-    p.add_argument("--model", default="resnet20", help="architecture (resnet20/32/44/56, lenet5)")
+    p.add_argument("--model", default="resnet20", help="architecture: resnet20/32/44/56, "
+                   "mobilenet_v2_cifar (CIFAR-10), lenet5 (Fashion-MNIST)")
     p.add_argument("--dataset", default=None, help="cifar10 or fashion_mnist (default: the model's)")
     p.add_argument("--sigma", type=float, default=0.25, help="Gaussian noise std in [0,1] pixels")
     p.add_argument("--epochs", type=int, default=40)
