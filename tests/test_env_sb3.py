@@ -163,3 +163,21 @@ def test_make_vec_env_subproc_lenet_and_ppo(env_kw, tmp_path):
     assert len(out["episodes"]) == 2 * (64 // 5)
     assert all(length == 5 and math.isfinite(r) for length, r in out["episodes"])
     assert out["images"] == [[[400, 640, 3], "uint8"]] * 2
+
+
+@pytest.mark.parametrize("algo", ["ddpg", "td3", "sac", "ppo"])
+def test_the_sb3_search_example_agents_learn(algo, env_kw):
+    """examples/sb3_search.py's agents on the separate-bits action space (LeNet-5, smoke)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "sb3_search.py"
+    spec = importlib.util.spec_from_file_location("sb3_search_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    env = gym.make("ARQ-LeNet5-v0", **env_kw)
+    model = example.make_agent(algo, env, episodes=4, seed=0)
+    callback = example.BestEpisode()
+    model.learn(total_timesteps=4 * env.unwrapped.num_layers, callback=callback)
+    assert callback.episodes >= 4 and math.isfinite(callback.best_reward)
+    assert len(callback.best_info["w_bits"]) == env.unwrapped.num_layers
