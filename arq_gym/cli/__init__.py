@@ -55,7 +55,11 @@ def _emit(args, result: dict, human: Callable[[dict], None] | None = None) -> No
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="arq-gym", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="arq-gym",
+        description="Search mixed-precision quantization policies that keep randomized-smoothing "
+                    "classifiers certifiably robust (also: python -m arq_gym).",
+        epilog="arq-gym COMMAND --help shows a command's options.")  # fmt: skip
     from arq_gym import __version__
 
     parser.add_argument("--version", action="version", version=f"arq-gym {__version__}")
