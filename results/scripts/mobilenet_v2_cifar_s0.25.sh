@@ -4,7 +4,9 @@
 # 1. train with sigma 0.25 Gaussian noise (resumable per epoch; EPOCHS, default 30);
 # 2. ship it into the package and build its IRS caches (smoke and search fidelity);
 # 3. certify it on 500 test images (every 20th), n = 10,000, alpha = 0.001;
-# 4. one search with the paper's DDPG agent (EPISODES, default 100).
+# 4. one search with the paper's DDPG agent (EPISODES, default 100). Its id,
+#    ARQ-MobileNetV2-CIFAR-v0, is registered together with the shipped model (not yet: step 2
+#    ships the weights, the id and its rl-zoo3 entry are the code change that goes with them).
 set -euo pipefail
 EPOCHS=${EPOCHS:-30}
 EPISODES=${EPISODES:-100}
