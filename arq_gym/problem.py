@@ -382,9 +382,9 @@ class QuantizationProblem:
             chunk = auto_chunk(f.n0, f.n)
             self._announce_irs_build(shipped, path, parts, chunk)
             return build_irs_cache_chunked(
-                self.model, self.images, self.labels, self.sigma, parts_dir=parts, chunk=chunk,
-                image_keys=self.data_indices, n0=f.n0, n=f.n, alpha=f.alpha, n_p_max=f.n_p,
-                seed=self.seed, batch_size=self.batch_size, device=self.device,
+                self.fp32_network(len(self.images) * (f.n0 + f.n)), self.images, self.labels,
+                self.sigma, parts_dir=parts, chunk=chunk, image_keys=self.data_indices, n0=f.n0,
+                n=f.n, alpha=f.alpha, n_p_max=f.n_p, seed=self.seed, batch_size=self.batch_size, device=self.device,
                 progress=self.progress, checkpoint_sha256=self.checkpoint_sha256,
                 data_sha256=self.data_sha256, num_classes=self.num_classes,
             )  # fmt: skip
@@ -398,6 +398,23 @@ class QuantizationProblem:
 
             shutil.rmtree(parts, ignore_errors=True)
         return cache, path
+
+    def fp32_network(self, forward_passes: int | None = None):
+        """The FP32 network as certifications run it: under ``torch.compile`` on a CPU (built
+        once per problem) unless the backend is ``"reference"`` or the certification makes
+        fewer than 100,000 forward passes (:func:`arq_gym.models.compiled.fp32_network`); its
+        ``function_id`` (``"fp32-compiled"``, else none: ``"fp32"``) names it."""
+        from arq_gym.models.compiled import MIN_COMPILED_PASSES, fp32_network
+
+        if self.quantized.backend == "reference" or (
+            forward_passes is not None and forward_passes < MIN_COMPILED_PASSES
+        ):
+            return self.model
+        net = self.__dict__.get("_fp32_compiled")
+        if net is None:
+            sample = self.images[:1].expand(self.batch_size, *self.images.shape[1:])
+            net = self._fp32_compiled = fp32_network(self.model, sample.to(self.device))
+        return net
 
     def _announce_irs_build(self, shipped: Path, path: Path, parts: Path, chunk: int) -> None:
         """Say once, before the FP32 network's certification starts, what is certified, why

@@ -77,6 +77,18 @@ def test_registration_is_idempotent():
     assert ENV_SPECS["ARQ-ResNet20-v0"]["fidelity"] == "search"
 
 
+def test_envs_command_lists_every_registered_id(capsys):
+    import json
+
+    from arq_gym.cli import main
+
+    assert main(["envs", "--json"]) == 0
+    envs = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["envs"]
+    assert [e["id"] for e in envs] == list(ENV_SPECS)
+    cifar = next(e for e in envs if e["id"] == "ARQ-MobileNetV2-CIFAR-v0")
+    assert cifar["kwargs"]["model"] == "mobilenet_v2_cifar" and cifar["kwargs"]["sigma"] == 0.25
+
+
 def test_module_prefixed_id_in_a_fresh_interpreter():
     # the error comes from ARQEnv's own argument check, so the id resolved to the class
     code = (
@@ -316,7 +328,8 @@ def test_fidelity_overrides_and_cache_dir(lenet_kw, tmp_path):
     assert len(list((tmp_path / "evals").rglob("*.json"))) == 1
 
 
-@pytest.mark.parametrize("env_id", ["ARQ-LeNet5-v0", "ARQ-ResNet20-v0"])
+@pytest.mark.parametrize("env_id", ["ARQ-LeNet5-v0", "ARQ-ResNet20-v0",
+                                    "ARQ-MobileNetV2-CIFAR-v0"])  # fmt: skip
 def test_default_search_fidelity_uses_a_shipped_cache(env_id, lenet_kw):
     """Creating the default env (fidelity "search") certifies nothing: the IRS cache ships."""
     from arq_gym.models import shipped_models

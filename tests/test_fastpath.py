@@ -363,6 +363,14 @@ def test_bench_speed_models_measures_depthwise_networks_and_extrapolates(capsys)
     assert red["policy_forward_passes"] == red["images"] * (red["n0"] + red["n"])
     if check_int8_kernel():
         assert row["agreement"]["int8"]["disagreements"] <= row["agreement"]["int8"]["samples"]
+    # the FP32 cache is extrapolated from the faster float path (compiled where it compiles)
+    floats = {k: v for k, v in row["samples_per_second"].items() if k in ("fp32", "fp32-compiled")}
+    assert "fp32-compiled" in floats or "fp32-compiled" in row["skipped_paths"]
+    assert ext["fp_cache_hours"] == pytest.approx(
+        ext["fp_cache_forward_passes"] / max(floats.values()) / 3600, abs=0.006)
+    if "fp32-compiled" in floats:
+        agree = row["agreement"]["fp32-compiled"]
+        assert agree["disagreements"] <= 0.01 * agree["samples"]
     assert res["gpu"].startswith("not measured") or res["gpu"].startswith("measured")
     assert main(["bench-speed", "--models", "vgg16", "--quick"]) == 2
     assert "unknown architecture 'vgg16'" in capsys.readouterr().err

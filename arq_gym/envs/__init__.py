@@ -2,15 +2,16 @@
 
 ``import arq_gym`` registers (idempotently):
 
-==================  ============  ==============  ======  ===========  ======  ========
-id                  model         dataset         sigma   budget       reward  fidelity
-==================  ============  ==============  ======  ===========  ======  ========
-ARQ-ResNet20-v0     resnet20      CIFAR-10        0.25    1/64 FP32    acr     search
-ARQ-LeNet5-v0       lenet5        Fashion-MNIST   0.25    1/64 FP32    acr     search
-ARQ-ResNet50-v0     resnet50      ImageNet        (ckpt)  1/64 FP32    acr     search
-ARQ-MobileNetV2-v0  mobilenet_v2  ImageNet        (ckpt)  1/64 FP32    acr     search
-ARQ-Custom-v0       (yours)       (yours)         (yours) 1/64 FP32    acr     search
-==================  ============  ==============  ======  ===========  ======  ========
+========================  ==================  =============  =======  =========  ======  ========
+id                        model               dataset        sigma    budget     reward  fidelity
+========================  ==================  =============  =======  =========  ======  ========
+ARQ-ResNet20-v0           resnet20            CIFAR-10       0.25     1/64 FP32  acr     search
+ARQ-LeNet5-v0             lenet5              Fashion-MNIST  0.25     1/64 FP32  acr     search
+ARQ-MobileNetV2-CIFAR-v0  mobilenet_v2_cifar  CIFAR-10       0.25     1/64 FP32  acr     search
+ARQ-ResNet50-v0           resnet50            ImageNet       (ckpt)   1/64 FP32  acr     search
+ARQ-MobileNetV2-v0        mobilenet_v2        ImageNet       (ckpt)   1/64 FP32  acr     search
+ARQ-Custom-v0             (yours)             (yours)        (yours)  1/64 FP32  acr     search
+========================  ==================  =============  =======  =========  ======  ========
 
 ARQ-Custom-v0 searches a user's own network: ``model=`` (an ``nn.Module`` or
 ``"package.module:factory"``), ``data=`` and ``sigma=`` (:mod:`arq_gym.custom`); without them
@@ -24,7 +25,10 @@ images with n_p = 500 (51,000 forward passes of 4.1 G MACs for ResNet-50).
 
 ARQ-LeNet5-v0 searches every layer (``keep_first_last=None``): its first convolution holds 28%
 of the MACs, so pinning it at 8 bits alone would cost 1.76% of the FP32 BOPs, more than the
-whole 1/64 budget. Both ids are the same class, :class:`~arq_gym.envs.arq_env.ARQEnv`; every
+whole 1/64 budget. ARQ-MobileNetV2-CIFAR-v0 is a width-0.5 MobileNetV2 for 32 x 32 inputs
+(53 layers, 17 inverted-residual blocks with depthwise convolutions) trained here with sigma 0.25
+noise and shipped with its IRS caches, so that depthwise layers are searched on real data. Every
+id is the same class, :class:`~arq_gym.envs.arq_env.ARQEnv`; every
 keyword argument of ``gym.make`` is documented there.
 """
 
@@ -68,6 +72,14 @@ ENV_SPECS: dict[str, dict[str, Any]] = {
     "ARQ-MobileNetV2-v0": {
         "model": "mobilenet_v2",
         "dataset": "imagenet",
+        "budget": 1 / 64,
+        "reward": "acr",
+        "keep_first_last": 8,
+        "fidelity": "search",
+    },
+    "ARQ-MobileNetV2-CIFAR-v0": {
+        "model": "mobilenet_v2_cifar",
+        "dataset": "cifar10",
         "budget": 1 / 64,
         "reward": "acr",
         "keep_first_last": 8,

@@ -350,8 +350,10 @@ def final_evaluation(
     q_parts = None if parts_root is None else parts_root / "quantized"
 
     jobs = [("the best policy", problem.quantized, q_parts, q_ident)]
+    fp_net = problem.model
     if fp is None:
-        jobs.append(("the FP32 network", problem.model, fp_parts, fp_ident))
+        fp_net = problem.fp32_network(len(x) * (n0 + n))
+        jobs.append(("the FP32 network", fp_net, fp_parts, fp_ident))
     if announce:
         _announce_final(jobs, x, problem, images, n0, n, alpha, chunk, idx)
 
@@ -369,7 +371,7 @@ def final_evaluation(
     seconds_q = time.perf_counter() - t0
     cert_fp = None
     if fp is None:
-        cert_fp = run(problem.model, fp_parts, fp_ident, "final: FP32")
+        cert_fp = run(fp_net, fp_parts, fp_ident, "final: FP32")
         fp = cert_fp.summary()
         if fp_path is not None:
             fp_path.parent.mkdir(parents=True, exist_ok=True)

@@ -148,8 +148,9 @@ def _certify_row(row: Row, policy, problem, data, settings: dict, out: Path, chu
             doc = json.loads(path.read_text())
             if doc.get("format") == CERT_FORMAT and doc.get("ident") == ident:
                 return doc
-    if policy is None:
-        net = problem.model
+    if policy is None:  # compiled on a CPU: the same network, rounded differently (its doc says)
+        net = problem.fp32_network(len(data[0]) * (settings["n0"] + settings["n"]))
+        function = getattr(net, "function_id", "fp32")
     elif tuned is not None:
         net = _tuned_network(problem, tuned, policy, data_dir)
         function = ident["function"] = net.function_id

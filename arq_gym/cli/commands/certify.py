@@ -109,8 +109,9 @@ def _add_certify(p: argparse.ArgumentParser) -> None:
         choices=("auto", "int8-compiled", "int8", "reference"),
         default="auto",
         help="how a quantized network runs (default auto: int8 integer convolutions under "
-        "torch.compile on a CPU that has them, else float32 fake quantization); the JSON names "
-        "the function certified",
+        "torch.compile on a CPU that has them, else float32 fake quantization; an FP32 network "
+        "runs under torch.compile on a CPU from 100,000 forward passes on, unless reference); "
+        "the JSON names the function certified",
     )
     p.add_argument(
         "--compare-full",
@@ -190,6 +191,17 @@ def _quantize(args, model, sigma: float, splits, device, quantization=None):
         qmodel.set_backend(args.backend)
         qmodel.warm_up(calib[:1].expand(args.batch_size, *calib.shape[1:]))
     return qmodel, float(bops_fraction(layers, policy)), desc
+
+
+def _fp32(args, model, images):
+    """The FP32 network as certified: compiled on a CPU unless ``--backend reference``
+    (:func:`arq_gym.models.compiled.fp32_network`)."""
+    from arq_gym.models.compiled import fp32_network
+
+    device = next(model.parameters()).device
+    sample = images[:1].expand(args.batch_size, *images.shape[1:]).to(device)
+    backend = "reference" if args.backend == "reference" else "auto"
+    return fp32_network(model, sample, backend, forward_passes=len(images) * (args.n0 + args.n))
 
 
 def _onnx_meta(args) -> dict:
@@ -301,7 +313,7 @@ def cmd_certify(args) -> dict:
                                          meta.get("quantization"))  # fmt: skip
     else:
         model = model.to(device).eval()
-        net, bops_frac, what = model, 1.0, "fp32"
+        net, bops_frac, what = _fp32(args, model, images), 1.0, "fp32"
     progress = not args.quiet
     result: dict = {
         "model": meta.get("architecture"),
@@ -367,7 +379,7 @@ def cmd_certify(args) -> dict:
 
         def build():
             return build_irs_cache(
-                model,
+                _fp32(args, model, images),
                 images,
                 labels,
                 sigma,
