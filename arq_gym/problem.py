@@ -380,11 +380,12 @@ class QuantizationProblem:
             from arq_gym.smoothing.chunked import auto_chunk, build_irs_cache_chunked
 
             chunk = auto_chunk(f.n0, f.n)
-            self._announce_irs_build(shipped, path, parts, chunk)
+            net = self.fp32_network(len(self.images) * (f.n0 + f.n))
+            self._announce_irs_build(shipped, path, parts, chunk, net)
             return build_irs_cache_chunked(
-                self.fp32_network(len(self.images) * (f.n0 + f.n)), self.images, self.labels,
-                self.sigma, parts_dir=parts, chunk=chunk, image_keys=self.data_indices, n0=f.n0,
-                n=f.n, alpha=f.alpha, n_p_max=f.n_p, seed=self.seed, batch_size=self.batch_size, device=self.device,
+                net, self.images, self.labels, self.sigma, parts_dir=parts, chunk=chunk,
+                image_keys=self.data_indices, n0=f.n0, n=f.n, alpha=f.alpha, n_p_max=f.n_p,
+                seed=self.seed, batch_size=self.batch_size, device=self.device,
                 progress=self.progress, checkpoint_sha256=self.checkpoint_sha256,
                 data_sha256=self.data_sha256, num_classes=self.num_classes,
             )  # fmt: skip
@@ -416,7 +417,8 @@ class QuantizationProblem:
             net = self._fp32_compiled = fp32_network(self.model, sample.to(self.device))
         return net
 
-    def _announce_irs_build(self, shipped: Path, path: Path, parts: Path, chunk: int) -> None:
+    def _announce_irs_build(self, shipped: Path, path: Path, parts: Path, chunk: int,
+                            net) -> None:  # fmt: skip
         """Say once, before the FP32 network's certification starts, what is certified, why
         (no shipped cache fits), about how long it takes here and where the cache goes."""
         from arq_gym.files import portable_path
@@ -442,7 +444,7 @@ class QuantizationProblem:
         done = chunks_done_irs(parts, self.data_indices, chunk)
         todo = forward_passes(len(self.labels) - done, f.n0, f.n)
         try:
-            rate = measure_rate(self.model, self.images, self.sigma, self.batch_size, self.device)
+            rate = measure_rate(net, self.images, self.sigma, self.batch_size, self.device)
             eta = f"about {format_duration(todo / rate)} at {rate:,.0f} images/s measured here"
         except Exception as exc:  # noqa: BLE001 - an estimate only
             eta = f"time unknown ({type(exc).__name__})"
