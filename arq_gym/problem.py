@@ -184,7 +184,8 @@ class QuantizationProblem:
             ``"int8"`` or ``"reference"``. The fast paths certify the same quantized network
             with exact integer sums; bench-speed and the tests measure their agreement with
             the reference. :attr:`function_id` names the function certified, and it is part of
-            the evaluation-cache key.
+            the evaluation-cache key. Except with ``"reference"``, large FP32 certifications
+            (the IRS cache build, :meth:`fp32_network`) run the FP32 network compiled.
         progress: show progress bars while building the IRS cache.
 
     Raises:

@@ -210,7 +210,9 @@ class ARQEnv(gym.Env):
     - ``backend``: how the quantized network runs: ``"auto"`` (default; int8 integer
       convolutions under torch.compile on a CPU that has them, else float32 fake
       quantization), ``"int8-compiled"``, ``"int8"`` or ``"reference"`` (see
-      :class:`~arq_gym.problem.QuantizationProblem`).
+      :class:`~arq_gym.problem.QuantizationProblem`). Except with ``"reference"``, an IRS cache
+      the env has to build certifies the FP32 network under torch.compile on a CPU
+      (:mod:`arq_gym.models.compiled`).
     - ``data_dir``: where the dataset is (default: ``$ARQ_GYM_DATA``, then the user cache).
     - ``cache_dir``: folder for the certification cache of the FP32 network and a persistent
       evaluation cache shared by processes (default: the user cache, evaluations in memory).

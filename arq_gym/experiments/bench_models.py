@@ -117,11 +117,12 @@ def model_row(arch: str, peaks: dict, batch_size: int | None = None, batches: in
         else:
             skipped["fp32-compiled"] = "torch.compile failed"
     say(f"{arch}: throughput")
-    sps = _throughputs({**floats, **paths}, data)
+    nets = {**floats, **paths}
+    sps = _throughputs(nets, data)
     agreement = {}
     with torch.inference_mode():
         for ref_name, others in (("fp32-reference", paths), ("fp32", floats)):
-            refs = [{**floats, **paths}[ref_name](x).argmax(1) for x in data]
+            refs = [nets[ref_name](x).argmax(1) for x in data]
             for name, net in others.items():
                 if name != ref_name:
                     dis = sum(int((net(x).argmax(1) != r).sum()) for x, r in zip(data, refs))

@@ -350,7 +350,6 @@ def final_evaluation(
     q_parts = None if parts_root is None else parts_root / "quantized"
 
     jobs = [("the best policy", problem.quantized, q_parts, q_ident)]
-    fp_net = problem.model
     if fp is None:
         fp_net = problem.fp32_network(len(x) * (n0 + n))
         jobs.append(("the FP32 network", fp_net, fp_parts, fp_ident))
