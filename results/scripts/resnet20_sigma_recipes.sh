@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Issue 20, step 1: which warm restart of a shipped ResNet-20 raises CERTIFY at radius 0 most, at
+# equal compute (about 30 min each on the idle 2-core CPU)?
+#   plain:       EPOCHS_PLAIN (20) epochs of Gaussian noise augmentation;
+#   consistency: EPOCHS_CONS (10) epochs with Jeong and Shin's regulariser (lambda LAMBDA, 20,
+#                m = 2 noisy copies: twice the cost of an epoch).
+# Both start from the shipped model of sigma S (default 1.0) with a fresh cosine schedule from
+# lr 0.05. Each candidate and the shipped model are then certified alike on 500 held-out
+# validation images (never the test images: this is model selection) with n = 1,000,
+# alpha = 0.001, the same noise. Outputs: runs/ (checkpoints, gitignored) and
+# results/experiments/sigma_recipes/s$S/*.json (committed). Every step is skipped when its output
+# exists and training resumes per epoch: rerun the same command after an interruption.
+set -euo pipefail
+S=${S:-1.0}
+EPOCHS_PLAIN=${EPOCHS_PLAIN:-20}
+EPOCHS_CONS=${EPOCHS_CONS:-10}
+LAMBDA=${LAMBDA:-20}
+SHIPPED=arq_gym/models/weights/resnet20_cifar10_s$S.pt
+OUT=results/experiments/sigma_recipes/s$S
+mkdir -p runs "$OUT"
+
+train() {  # name, extra arguments...
+  local name=$1; shift
+  local ckpt=runs/resnet20_s${S}_$name.pt
+  if [ ! -f "$ckpt" ]; then
+    local resume=(); [ -f "$ckpt.resume.pt" ] && resume=(--resume)
+    arq-gym train --model resnet20 --sigma "$S" --init "$SHIPPED" --lr 0.05 --out "$ckpt" \
+      "${resume[@]}" --json "$@" | tail -1 > "$OUT/train_$name.json"
+  fi
+}
+
+certify() {  # name, checkpoint
+  [ -s "$OUT/val500_n1000_$1.json" ] || arq-gym certify --checkpoint "$2" --split val \
+    --images 500 --n 1000 --out "$OUT/val500_n1000_$1.tsv" --quiet --json \
+    | tail -1 > "$OUT/val500_n1000_$1.json"
+}
+
+train plain --epochs "$EPOCHS_PLAIN"
+train consistency --epochs "$EPOCHS_CONS" --consistency "$LAMBDA"
+certify shipped "$SHIPPED"
+certify plain "runs/resnet20_s${S}_plain.pt"
+certify consistency "runs/resnet20_s${S}_consistency.pt"
+python - "$OUT" <<'PY'
+import json, sys
+from pathlib import Path
+for path in sorted(Path(sys.argv[1]).glob("val500_n1000_*.json")):
+    s = json.loads(path.read_text())
+    print(f"{path.stem:28s} certified at r=0 {s['clean_accuracy']:.3f}  ACR {s['acr']:.3f}  "
+          f"abstain {s['abstain_rate']:.3f}")
+PY
