@@ -234,3 +234,17 @@ def test_certify_default_batch_is_100_on_cpu_and_changes_nothing(capsys, data_di
     assert default["batch_size"] == 100 and explicit["batch_size"] == 200
     for key in ("clean_accuracy", "certified_accuracy", "acr", "abstain_rate", "forward_passes"):
         assert default[key] == explicit[key]
+
+
+def test_certify_incremental_finds_the_shipped_cache(tmp_path, capsys, data_dir):
+    """The smoke-fidelity settings of the shipped LeNet-5 find its shipped IRS cache: nothing is
+    built and the user's (empty) cache folder stays empty."""
+    rc, stdout, _ = _run(
+        capsys, "certify", "--model", "lenet5", "--sigma", "0.25", "--split", "val",
+        "--images", "16", "--n", "1000", "--n-p-max", "100", "--incremental", "--n-p", "100",
+        "--data-dir", str(data_dir), "--cache-dir", str(tmp_path / "irs"), "--quiet", "--json",
+    )  # fmt: skip
+    res = json.loads(stdout.strip().splitlines()[-1])
+    assert rc == 0 and not res["cache_built"], res
+    assert res["cache"].startswith("arq_gym/models/caches/"), res["cache"]
+    assert not (tmp_path / "irs").exists() or not any((tmp_path / "irs").iterdir())

@@ -16,8 +16,6 @@ from pathlib import Path
 
 from arq_gym.cli import CLIError, command
 
-SHIPPED_CACHES = Path(__file__).parent / "models" / "caches"
-
 
 def add_model_arguments(p: argparse.ArgumentParser, checkpoint_help: str) -> None:
     """``--model``, ``--dataset``, ``--sigma`` (a shipped base model) or ``--checkpoint``, as
@@ -357,6 +355,7 @@ def cmd_certify(args) -> dict:
                                  "seconds": time.perf_counter() - t0}  # fmt: skip
     else:
         from arq_gym.data import user_cache_dir
+        from arq_gym.problem import SHIPPED_CACHE_DIR
 
         expected = {
             "checkpoint_sha256": meta["sha256"],
@@ -375,7 +374,7 @@ def cmd_certify(args) -> dict:
         )
         path = cache_dir / name
         if not args.rebuild_cache and not path.is_file():
-            path = find_irs_cache(expected, [SHIPPED_CACHES]) or path
+            path = find_irs_cache(expected, [SHIPPED_CACHE_DIR]) or path
 
         def build():
             return build_irs_cache(
