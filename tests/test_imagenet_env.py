@@ -72,3 +72,17 @@ def test_one_episode(env_id, arch, image_folder, tmp_path, monkeypatch):
         obs, reward, terminated, truncated, info = env.step(env.action_space.sample())
     assert terminated and info["bops_fraction"] <= 1 / 64 and isinstance(reward, float)
     assert len(info["w_bits"]) == layers and env.observation_space.contains(obs)
+
+
+@pytest.mark.parametrize("env_id", ["ARQ-ResNet50-v0", "ARQ-MobileNetV2-v0"])
+def test_missing_checkpoint_or_data_is_one_line_that_says_where_to_get_it(env_id, tmp_path):
+    import gymnasium as gym
+
+    with pytest.raises(ValueError) as info:
+        gym.make(env_id, data_dir=str(tmp_path))
+    msg = str(info.value)
+    assert "needs checkpoint=PATH" in msg and "locuslab/smoothing" in msg and "\n" not in msg
+    with pytest.raises(ValueError) as info:
+        gym.make(env_id, checkpoint=str(tmp_path / "checkpoint.pth.tar"))
+    msg = str(info.value)
+    assert "needs data_dir=PATH" in msg and "image-net.org" in msg and "\n" not in msg
