@@ -236,12 +236,14 @@ def test_certify_default_batch_is_100_on_cpu_and_changes_nothing(capsys, data_di
         assert default[key] == explicit[key]
 
 
-def test_certify_incremental_finds_the_shipped_cache(tmp_path, capsys, data_dir):
-    """The smoke-fidelity settings of the shipped LeNet-5 find its shipped IRS cache: nothing is
-    built and the user's (empty) cache folder stays empty."""
+@pytest.mark.parametrize("n_p_max", [["--n-p-max", "100"], []])
+def test_certify_incremental_finds_the_shipped_cache(tmp_path, capsys, data_dir, n_p_max):
+    """The smoke-fidelity settings of the shipped LeNet-5 find its shipped IRS cache (which keeps
+    n_p = 100 samples per image), also with the default --n-p-max (n, the size of a cache to
+    build): nothing is built and the user's (empty) cache folder stays empty."""
     rc, stdout, _ = _run(
         capsys, "certify", "--model", "lenet5", "--sigma", "0.25", "--split", "val",
-        "--images", "16", "--n", "1000", "--n-p-max", "100", "--incremental", "--n-p", "100",
+        "--images", "16", "--n", "1000", *n_p_max, "--incremental", "--n-p", "100",
         "--data-dir", str(data_dir), "--cache-dir", str(tmp_path / "irs"), "--quiet", "--json",
     )  # fmt: skip
     res = json.loads(stdout.strip().splitlines()[-1])

@@ -74,7 +74,8 @@ def _add_certify(p: argparse.ArgumentParser) -> None:
         "--n-p-max",
         type=int,
         default=None,
-        help="FP predictions kept per image in the IRS cache (default n)",
+        help="FP predictions kept per image in an IRS cache this run builds (default n); an "
+        "existing cache (yours or a shipped one) that keeps at least --n-p is reused",
     )
     p.add_argument(
         "--alpha-zeta", type=float, default=0.001, help="IRS disparity failure probability"
@@ -365,7 +366,7 @@ def cmd_certify(args) -> dict:
             "n": args.n,
             "alpha": args.alpha,
             "seed": args.seed,
-            "n_p_max": args.n_p_max,
+            "n_p_max": args.n_p,  # a cache that keeps the n_p samples this run uses will do
         }
         cache_dir = Path(args.cache_dir) if args.cache_dir else user_cache_dir() / "irs"
         name = (
