@@ -181,6 +181,21 @@ def _lenet_benchmark(tmp_path, lenet_kwargs, episodes: int, workers: int) -> lis
 
 def test_benchmark_lenet_smoke(tmp_path, lenet_kwargs):
     _lenet_benchmark(tmp_path, lenet_kwargs, episodes=4, workers=1)
+    # the recorded settings name no path of this machine (the cache folder is not part of a
+    # run's identity), so a committed benchmark resumes from another clone: moved, it is done
+    out = tmp_path / "lenet"
+    for path in [out / "benchmark.json", *out.glob("runs/*/run.json")]:
+        assert str(tmp_path) not in path.read_text(), path
+        assert "cache_dir" not in json.loads(path.read_text())["env_kwargs"], path
+    moved = tmp_path / "elsewhere" / "lenet"
+    moved.parent.mkdir()
+    out.rename(moved)
+    code = main(["benchmark", "--env", "ARQ-LeNet5-v0", "--agents", "random,arq-ddpg,sb3-ppo",
+                 "--seeds", "2", "--episodes", "4", "--out", str(moved), "--resume",
+                 "--agent-kwargs", "arq-ddpg:warmup_episodes=3", "--final-images", "8",
+                 "--final-n", "200", "--no-progress", "--env-kwargs", *lenet_kwargs])  # fmt: skip
+    assert code == 0
+    assert len(json.loads((moved / "summary.json").read_text())["skipped"]) == 6
 
 
 @pytest.mark.slow

@@ -82,6 +82,11 @@ def test_search_writes_every_output_and_resume_of_finished_run_is_a_no_op(tmp_pa
     policy, doc = load_policy(out / "best_policy.json")
     assert list(policy.w_bits) == res["w_bits"] and doc["env_id"] == TOY
     before = (out / "episodes.csv").read_bytes()
+    # a run.json of an older version, which recorded the cache folder, still resumes
+    run_json = json.loads((out / "run.json").read_text())
+    assert "cache_dir" not in run_json["env_kwargs"]
+    run_json["env_kwargs"]["cache_dir"] = "old/cache"
+    (out / "run.json").write_text(json.dumps(run_json))
     again = search(TOY, "random", 8, 3, out, resume=True, final_eval=False, progress=False)
     assert again["best_reward"] == res["best_reward"] and again["episodes"] == 8
     assert (out / "episodes.csv").read_bytes() == before

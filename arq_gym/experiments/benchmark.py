@@ -38,7 +38,13 @@ from typing import Any
 import numpy as np
 
 from arq_gym.experiments.parallel import run_searches
-from arq_gym.experiments.search import SearchError, _normalise, finished_search, load_records
+from arq_gym.experiments.search import (
+    SearchError,
+    _normalise,
+    finished_search,
+    load_records,
+    recorded_env_kwargs,
+)
 from arq_gym.files import atomic_write_bytes, atomic_write_text, dumps
 
 __all__ = ["LEADERBOARD_FIELDS", "benchmark", "episodes_to_fraction", "parse_agent_kwargs"]
@@ -175,7 +181,8 @@ def benchmark(
     env_kwargs = dict(env_kwargs or {})
     if "cache_dir" not in env_kwargs and _accepts(env_id, "cache_dir"):
         env_kwargs["cache_dir"] = str((out / "cache").resolve())
-    config = {"format": BENCH_FORMAT, "env_id": env_id, "env_kwargs": _normalise(env_kwargs)}
+    config = {"format": BENCH_FORMAT, "env_id": env_id,
+              "env_kwargs": recorded_env_kwargs(env_kwargs)}
 
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     bench_json = out / "benchmark.json"
@@ -187,6 +194,7 @@ def benchmark(
         if not bench_json.is_file():
             raise SearchError(f"output dir {out} holds files but no benchmark (benchmark.json)")
         prev = json.loads(bench_json.read_text())
+        prev["env_kwargs"] = recorded_env_kwargs(prev.get("env_kwargs") or {})  # older versions
         for key in ("env_id", "env_kwargs"):
             if prev.get(key) != config[key]:
                 raise SearchError(f"output dir {out} holds a benchmark with {key}="

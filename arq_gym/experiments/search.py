@@ -493,6 +493,13 @@ def _normalise(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=json_default))
 
 
+def recorded_env_kwargs(env_kwargs: Mapping[str, Any]) -> dict:
+    """The env kwargs a run records and compares on ``--resume``: all but ``cache_dir``, which
+    says only where this machine keeps the evaluation cache (entries are keyed by content), so
+    a committed run names no local path and resumes from another clone or cluster node."""
+    return _normalise({k: v for k, v in env_kwargs.items() if k != "cache_dir"})
+
+
 def search(
     env_id: str,
     agent: str = "arq-ddpg",
@@ -548,9 +555,10 @@ def search(
     agents_mod.get(agent)  # a bad agent name fails before anything is built or written
     prev = _check_out(out, resume)
     config = {"format": RUN_FORMAT, "env_id": env_id, "agent": agent, "seed": int(seed),
-              "episodes": int(episodes), "env_kwargs": _normalise(env_kwargs),
+              "episodes": int(episodes), "env_kwargs": recorded_env_kwargs(env_kwargs),
               "agent_kwargs": _normalise(agent_kwargs)}  # fmt: skip
     if prev is not None:
+        prev["env_kwargs"] = recorded_env_kwargs(prev.get("env_kwargs") or {})  # older runs kept it
         diff = [k for k in _IDENTITY if prev.get(k) != config[k]]
         if diff:
             k = diff[0]
