@@ -32,7 +32,12 @@ from typing import Any
 
 import numpy as np
 
-from arq_gym.experiments.search import SearchError, finished_search, make_env
+from arq_gym.experiments.search import (
+    SearchError,
+    finished_search,
+    make_env,
+    recorded_env_kwargs,
+)
 from arq_gym.files import atomic_write_bytes, atomic_write_text, dumps
 
 __all__ = ["UNIFORM_BITS", "budget_label", "pareto"]
@@ -113,7 +118,7 @@ def pareto(
     settings = json.loads(dumps({
         "env_id": env_id, "agent": agent, "seed": int(seed), "episodes": int(episodes),
         "budgets": values, "uniform_bits": sorted({int(b) for b in uniform_bits}, reverse=True),
-        "env_kwargs": {k: v for k, v in env_kwargs.items() if k != "cache_dir"},
+        "env_kwargs": recorded_env_kwargs(env_kwargs),
         "agent_kwargs": dict(agent_kwargs or {}), **cert_settings,
     }))  # fmt: skip
     check_out(out, settings, resume, "pareto.json", "Pareto front")

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from arq_gym.experiments.search import SearchError, make_env, search
+from arq_gym.experiments.search import SearchError, make_env, recorded_env_kwargs, search
 from arq_gym.files import atomic_write_text, dumps
 
 __all__ = ["STANDARD_ROWS", "Row", "parse_rows", "results_table"]
@@ -364,7 +364,7 @@ def results_table(
         raise SearchError("the rows choose the reward; do not pass reward in --env-kwargs")
     cert_settings = {"images": int(images), "n": int(n), "n0": int(n0), "alpha": float(alpha)}
     settings = {"env_id": env_id, "episodes": int(episodes), "seed": int(seed),
-                "env_kwargs": {k: v for k, v in env_kwargs.items() if k != "cache_dir"},
+                "env_kwargs": recorded_env_kwargs(env_kwargs),
                 "agent_kwargs": dict(agent_kwargs or {}), **cert_settings,
                 "rows": [r.name for r in row_list],
                 "finetune_epochs": None if finetune_epochs is None else int(finetune_epochs),
