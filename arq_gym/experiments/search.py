@@ -3,7 +3,7 @@
 :func:`search` is what ``arq-gym search`` runs. Everything lands in one output folder:
 
 =====================  =================================================================
-``run.json``           the run's settings (env id and kwargs, agent, seed, episodes) and the
+``run.json``           the run's settings (env id, kwargs but cache_dir, agent, seed) and the
                        problem's description (model, sigma, budget, fidelity, FP32 figures)
 ``episodes.csv``       one row per completed episode: requested and enforced bits, BOPs
                        fraction, reward, best so far, ACR, clean and certified accuracy,
