@@ -3,8 +3,8 @@
 :func:`search` is what ``arq-gym search`` runs. Everything lands in one output folder:
 
 =====================  =================================================================
-``run.json``           the run's settings (env id, kwargs but cache_dir, agent, seed) and the
-                       problem's description (model, sigma, budget, fidelity, FP32 figures)
+``run.json``           the run's settings (env id, env kwargs but cache_dir, agent, seed, episodes)
+                       and the problem's description (model, sigma, budget, fidelity, FP32 figures)
 ``episodes.csv``       one row per completed episode: requested and enforced bits, BOPs
                        fraction, reward, best so far, ACR, clean and certified accuracy,
                        seconds, cache hit
