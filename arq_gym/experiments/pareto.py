@@ -24,6 +24,7 @@ import csv
 import datetime
 import io
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from fractions import Fraction
@@ -202,7 +203,11 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FormatStrFormatter
+    from matplotlib.ticker import FormatStrFormatter, FuncFormatter
+
+    def minor_label(x: float, _pos: int) -> str:  # 2, 3 and 5 times a power of ten only
+        mantissa = x / 10 ** math.floor(math.log10(x) + 1e-9)
+        return f"{x:g}" if round(mantissa) in (2, 3, 5) else ""
 
     fp = next((r for r in rows if r["kind"] == "fp32"), None)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -226,8 +231,8 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
         if fp is not None:
             ax.axhline(fp[key], color="black", linestyle="--", linewidth=1, label="FP32")
         ax.set_xscale("log")
-        for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
-            axis(FormatStrFormatter("%g"))
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(FuncFormatter(minor_label))
         ax.set_xlabel("BOPs, % of FP32 (log scale)")
         ax.set_ylabel(name)
         ax.grid(True, which="both", alpha=0.3)
