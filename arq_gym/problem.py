@@ -56,6 +56,7 @@ from arq_gym.budget import (
 from arq_gym.cost import bops, fp32_bops
 from arq_gym.fidelity import Fidelity, get_fidelity
 from arq_gym.files import atomic_write_text, json_default, portable_path
+from arq_gym.models.zoo import CACHES_DIR
 from arq_gym.policy import Policy, valid_bits
 from arq_gym.smoothing import Certificate
 
@@ -73,7 +74,7 @@ __all__ = [
 #: reward names understood by :func:`reward_value` and the environments
 REWARDS = ("acr", "certified_accuracy", "clean_accuracy", "acr_delta")
 #: shipped IRS caches (package data, read-only)
-SHIPPED_CACHE_DIR = Path(__file__).parent / "models" / "caches"
+SHIPPED_CACHE_DIR = CACHES_DIR
 #: how many training images calibrate the activation quantizers
 CALIBRATION_IMAGES = 512
 EVAL_FORMAT = "arq-eval/1"

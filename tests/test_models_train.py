@@ -143,12 +143,21 @@ def test_ship_keeps_no_folder_of_the_training_machine(tmp_path, monkeypatch):
     weights = tmp_path / "weights"
     monkeypatch.setattr(zoo, "WEIGHTS_DIR", weights)
     monkeypatch.setattr(zoo, "MANIFEST", weights / "manifest.json")
-    shipped = zoo.ship(clean)
-    assert (weights / shipped["file"]).read_bytes() == clean.read_bytes()  # copied as it is
-    shipped = zoo.ship(dirty)
+    caches = tmp_path / "caches"
+    first = zoo.ship(clean, cache_dir=caches)
+    assert (weights / first["file"]).read_bytes() == clean.read_bytes()  # copied as it is
+    assert "previous_sha256" not in first
+    caches.mkdir()
+    for name in (f"{first['sha256'][:16]}_smoke.npz", "0123456789abcdef_smoke.npz"):
+        (caches / name).write_bytes(b"cache")
+    shipped = zoo.ship(dirty, cache_dir=caches)
     _, meta2 = load_shipped(entry["architecture"], entry["dataset"], entry["sigma"])
     assert meta2["config"]["init"] == "parent.pt" and meta2["sha256"] == shipped["sha256"]
     assert len(zoo.shipped_models()) == 1  # the same (architecture, dataset, sigma) replaced
+    # the replaced file's sha256 is kept in the history, its caches go, other caches stay
+    assert zoo.shipped_models()[0]["previous_sha256"] == [first["sha256"]]
+    assert [p.name for p in caches.iterdir()] == ["0123456789abcdef_smoke.npz"]
+    assert zoo.ship(dirty, cache_dir=caches)["previous_sha256"] == [first["sha256"]]  # again: kept
 
 
 def test_unknown_shipped_architecture_or_sigma():

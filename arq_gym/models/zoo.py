@@ -13,6 +13,8 @@ from pathlib import Path
 from arq_gym.models.checkpoint import load_checkpoint
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
+#: shipped IRS caches of the shipped models, named ``<sha256[:16]>_<fidelity>.npz``
+CACHES_DIR = Path(__file__).parent / "caches"
 MANIFEST = WEIGHTS_DIR / "manifest.json"
 
 
@@ -60,11 +62,13 @@ def load_shipped(arch: str, dataset: str | None = None, sigma: float = 0.25, dev
     return load_checkpoint(WEIGHTS_DIR / entry["file"], sha256=entry["sha256"], device=device)
 
 
-def ship(checkpoint: str | Path) -> dict:
+def ship(checkpoint: str | Path, cache_dir: str | Path | None = None) -> dict:
     """Copy a trained checkpoint into the package and record it in the manifest (maintainers).
 
     The file is named ``{architecture}_{dataset}_s{sigma}.pt``; an existing entry for the same
-    (architecture, dataset, sigma) is replaced. Metadata that names a folder (a warm start's
+    (architecture, dataset, sigma) is replaced: its sha256 joins the new entry's
+    ``previous_sha256`` history and its shipped IRS caches (``cache_dir``, default the
+    package's) are deleted, since they certify the old network. Metadata that names a folder (a warm start's
     ``config.init`` from before ``arq-gym train`` kept file names only) is re-saved with file
     names only (:func:`portable_metadata`), so that no shipped file names the training machine.
     """
@@ -92,6 +96,15 @@ def ship(checkpoint: str | Path) -> dict:
         "clean_test_accuracy": meta.get("clean_test_accuracy"),
         "noisy_test_accuracy": meta.get("noisy_test_accuracy"),
     }
+    replaced = next((m for m in shipped_models() if m["file"] == name), None)
+    if replaced is not None and replaced["sha256"] != entry["sha256"]:
+        old = replaced["sha256"]
+        entry["previous_sha256"] = sorted(set(replaced.get("previous_sha256", [])) | {old})
+        caches = Path(cache_dir) if cache_dir is not None else CACHES_DIR
+        for npz in caches.glob(f"{old[:16]}_*.npz"):
+            npz.unlink()
+    elif replaced is not None and replaced.get("previous_sha256"):
+        entry["previous_sha256"] = replaced["previous_sha256"]
     models = [m for m in shipped_models() if m["file"] != name] + [entry]
     models.sort(key=lambda m: (m["architecture"], m["dataset"], m["sigma"]))
     _write_manifest(models)
@@ -178,7 +191,7 @@ def reship_portable(file: str, cache_dir: str | Path | None = None) -> tuple[str
     entry["sha256"] = new
     entry["previous_sha256"] = sorted(set(entry.get("previous_sha256", [])) | {old})
     _write_manifest(models)
-    caches = Path(cache_dir) if cache_dir is not None else Path(__file__).parent / "caches"
+    caches = Path(cache_dir) if cache_dir is not None else CACHES_DIR
     for npz in sorted(caches.glob(f"{old[:16]}_*.npz")):
         cmeta = read_cache_meta(npz)
         if cmeta is None or cmeta.get("checkpoint_sha256") != old:
