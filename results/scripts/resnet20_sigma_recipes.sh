@@ -2,8 +2,9 @@
 # Issue 20, step 1: which warm restart of a shipped ResNet-20 raises CERTIFY at radius 0 most, at
 # equal compute (about 30 min each on the idle 2-core CPU)?
 #   plain:       EPOCHS_PLAIN (20) epochs of Gaussian noise augmentation;
-#   consistency: EPOCHS_CONS (10) epochs with Jeong and Shin's regulariser (lambda LAMBDA, 20,
-#                m = 2 noisy copies: twice the cost of an epoch).
+#   consistency: EPOCHS_CONS (10) epochs with Jeong and Shin's regulariser, m = 2 noisy copies
+#                (twice the cost of an epoch), one candidate per lambda in LAMBDAS ("20": their
+#                setting at sigma 0.5 and 1.0; smaller lambdas trade less clean accuracy).
 # Both start from the shipped model of sigma S (default 1.0) with a fresh cosine schedule from
 # lr 0.05. Each candidate and the shipped model are then certified alike on 500 held-out
 # validation images (never the test images: this is model selection) with n = 1,000,
@@ -14,7 +15,7 @@ set -euo pipefail
 S=${S:-1.0}
 EPOCHS_PLAIN=${EPOCHS_PLAIN:-20}
 EPOCHS_CONS=${EPOCHS_CONS:-10}
-LAMBDA=${LAMBDA:-20}
+LAMBDAS=${LAMBDAS:-20}
 SHIPPED=arq_gym/models/weights/resnet20_cifar10_s$S.pt
 OUT=results/experiments/sigma_recipes/s$S
 mkdir -p runs "$OUT"
@@ -29,17 +30,18 @@ train() {  # name, extra arguments...
   fi
 }
 
-certify() {  # name, checkpoint
+certify() {  # name, checkpoint (certify writes the .json summary beside its --out TSV)
   [ -s "$OUT/val500_n1000_$1.json" ] || arq-gym certify --checkpoint "$2" --split val \
-    --images 500 --n 1000 --out "$OUT/val500_n1000_$1.tsv" --quiet --json \
-    | tail -1 > "$OUT/val500_n1000_$1.json"
+    --images 500 --n 1000 --out "$OUT/val500_n1000_$1.tsv" --quiet
 }
 
 train plain --epochs "$EPOCHS_PLAIN"
-train consistency --epochs "$EPOCHS_CONS" --consistency "$LAMBDA"
 certify shipped "$SHIPPED"
 certify plain "runs/resnet20_s${S}_plain.pt"
-certify consistency "runs/resnet20_s${S}_consistency.pt"
+for LAMBDA in $LAMBDAS; do
+  train "consistency-l$LAMBDA" --epochs "$EPOCHS_CONS" --consistency "$LAMBDA"
+  certify "consistency-l$LAMBDA" "runs/resnet20_s${S}_consistency-l$LAMBDA.pt"
+done
 python - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
