@@ -26,7 +26,8 @@ train() {  # name, extra arguments...
   if [ ! -f "$ckpt" ]; then
     local resume=(); [ -f "$ckpt.resume.pt" ] && resume=(--resume)
     arq-gym train --model resnet20 --sigma "$S" --init "$SHIPPED" --lr 0.05 --out "$ckpt" \
-      "${resume[@]}" --json "$@" | tail -1 > "$OUT/train_$name.json"
+      "${resume[@]}" --json "$@" | tail -1 > "$OUT/train_$name.json.tmp"
+    mv "$OUT/train_$name.json.tmp" "$OUT/train_$name.json"
   fi
 }
 

@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # Issue 20, step 2: ship the ResNet-20 of sigma S that won the model selection of
-# resnet20_sigma_recipes.sh (RECIPE: plain or consistency, a checkpoint in runs/), then
+# resnet20_sigma_recipes.sh (RECIPE: plain or consistency-lL, a checkpoint in runs/), then
 #   1. replace the shipped model (its sha256 joins the manifest's previous_sha256, its IRS caches
 #      go) and move the old model's test certification to results/certify/superseded/;
 #   2. build and ship the new model's IRS caches (fidelities smoke and search);
 #   3. certify it on the 500 test images (every 20th), n = 10,000, alpha = 0.001, as the old one.
 # One heavy step at a time; every step is skipped when its output exists and the certification
 # resumes from its saved chunks: rerun the same command after an interruption.
-#   S=1.0 RECIPE=consistency bash results/scripts/resnet20_sigma_ship.sh
+#   S=1.0 RECIPE=consistency-l2 bash results/scripts/resnet20_sigma_ship.sh
 set -euo pipefail
 S=${S:?set S, the noise level (0.5 or 1.0)}
-RECIPE=${RECIPE:?set RECIPE, the winning candidate (plain or consistency)}
+RECIPE=${RECIPE:?set RECIPE, the winning candidate (plain or consistency-lL)}
 CKPT=runs/resnet20_s${S}_$RECIPE.pt
 OUT=results/experiments/sigma_recipes/s$S
 C=results/certify/resnet20_cifar10_s${S}_test500_n10000
@@ -39,7 +39,7 @@ for fidelity in ("smoke", "search"):
 PY
 
 [ -s "$C.json" ] || arq-gym certify --model resnet20 --sigma "$S" --split test --images 500 \
-  --n 10000 --out "$C.tsv" --quiet --json | tail -1 > "$C.json"
+  --n 10000 --out "$C.tsv" --quiet  # writes $C.json too
 python - "$C.json" <<'PY'
 import json, sys
 s = json.load(open(sys.argv[1]))
