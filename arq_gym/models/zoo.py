@@ -68,8 +68,8 @@ def ship(checkpoint: str | Path, cache_dir: str | Path | None = None) -> dict:
     The file is named ``{architecture}_{dataset}_s{sigma}.pt``; an existing entry for the same
     (architecture, dataset, sigma) is replaced: its sha256 joins the new entry's
     ``previous_sha256`` history and its shipped IRS caches (``cache_dir``, default the
-    package's) are deleted, since they certify the old network. Metadata that names a folder (a warm start's
-    ``config.init`` from before ``arq-gym train`` kept file names only) is re-saved with file
+    package's) are deleted, since they certify the old network. Metadata that names a folder (a
+    warm start's ``config.init`` from before ``arq-gym train`` kept file names only) is re-saved with file
     names only (:func:`portable_metadata`), so that no shipped file names the training machine.
     """
     import shutil
@@ -97,18 +97,22 @@ def ship(checkpoint: str | Path, cache_dir: str | Path | None = None) -> dict:
         "noisy_test_accuracy": meta.get("noisy_test_accuracy"),
     }
     replaced = next((m for m in shipped_models() if m["file"] == name), None)
-    if replaced is not None and replaced["sha256"] != entry["sha256"]:
-        old = replaced["sha256"]
-        entry["previous_sha256"] = sorted(set(replaced.get("previous_sha256", [])) | {old})
-        caches = Path(cache_dir) if cache_dir is not None else CACHES_DIR
-        for npz in caches.glob(f"{old[:16]}_*.npz"):
-            npz.unlink()
-    elif replaced is not None and replaced.get("previous_sha256"):
-        entry["previous_sha256"] = replaced["previous_sha256"]
+    if replaced is not None:
+        history = set(replaced.get("previous_sha256", []))
+        if replaced["sha256"] != entry["sha256"]:
+            history.add(replaced["sha256"])
+            for npz in _caches_dir(cache_dir).glob(f"{replaced['sha256'][:16]}_*.npz"):
+                npz.unlink()
+        if history:
+            entry["previous_sha256"] = sorted(history)
     models = [m for m in shipped_models() if m["file"] != name] + [entry]
     models.sort(key=lambda m: (m["architecture"], m["dataset"], m["sigma"]))
     _write_manifest(models)
     return entry
+
+
+def _caches_dir(cache_dir: str | Path | None) -> Path:
+    return Path(cache_dir) if cache_dir is not None else CACHES_DIR
 
 
 def _write_manifest(models: list[dict]) -> None:
@@ -191,8 +195,7 @@ def reship_portable(file: str, cache_dir: str | Path | None = None) -> tuple[str
     entry["sha256"] = new
     entry["previous_sha256"] = sorted(set(entry.get("previous_sha256", [])) | {old})
     _write_manifest(models)
-    caches = Path(cache_dir) if cache_dir is not None else CACHES_DIR
-    for npz in sorted(caches.glob(f"{old[:16]}_*.npz")):
+    for npz in sorted(_caches_dir(cache_dir).glob(f"{old[:16]}_*.npz")):
         cmeta = read_cache_meta(npz)
         if cmeta is None or cmeta.get("checkpoint_sha256") != old:
             continue
