@@ -17,6 +17,14 @@ It makes the base classifier's prediction under noise more stable, which is what
 classifier's certified radius rewards (the paper reports gains largest at sigma 0.5 and 1.0). A
 batch then costs m forward passes per image.
 
+``swa_epochs`` (K > 0) ends training with stochastic weight averaging (Izmailov et al. 2018,
+"Averaging Weights Leads to Wider Optima and Better Generalization"): the cosine schedule runs
+over the first ``epochs - K`` epochs from ``lr`` down to ``swa_lr``, the last K epochs keep
+``swa_lr`` constant, and the weights at the end of each of them are averaged
+(``torch.optim.swa_utils.AveragedModel``); batch-norm statistics of the average are then
+recomputed on one pass of noisy training images (``update_bn``). The averaged weights are the
+checkpoint. With ``init`` and ``epochs == swa_epochs`` this is SWA started from a trained model.
+
 ``init`` warm-starts from another checkpoint of the same architecture, dataset and sigma: its
 weights are loaded and a fresh cosine schedule runs for ``epochs`` more (a warm restart in the
 sense of SGDR, Loshchilov and Hutter 2017). The metadata records the parent's sha256 and
@@ -38,6 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, update_bn
 from tqdm.auto import tqdm
 
 from arq_gym.data import load as load_data
@@ -66,6 +75,8 @@ class TrainConfig:
     consistency: float = 0.0  # lambda of the consistency regulariser (0: plain Gaussian noise)
     noise_copies: int = 2  # m: noisy copies of every image when consistency > 0
     consistency_eta: float = 0.5  # weight of the entropy of the copies' mean prediction
+    swa_epochs: int = 0  # K: average the weights of the last K epochs (0: no averaging)
+    swa_lr: float = 0.01  # the constant learning rate of those K epochs
 
 
 def consistency_loss(logits: torch.Tensor, y: torch.Tensor, lam: float,
@@ -115,6 +126,20 @@ def evaluate(model, x_u8: np.ndarray, y: np.ndarray, sigma: float, seed: int = 0
     return correct / len(y)
 
 
+def _lr_factor(cfg: TrainConfig, steps_per_epoch: int):
+    """The learning rate at step s, as a factor of ``cfg.lr``: cosine to 0 over the epochs, or,
+    with SWA, cosine to ``swa_lr`` over the first ``epochs - swa_epochs``, then ``swa_lr``."""
+    floor = cfg.swa_lr / cfg.lr if cfg.swa_epochs else 0.0
+    decay_steps = (cfg.epochs - cfg.swa_epochs) * steps_per_epoch
+
+    def factor(s: int) -> float:
+        if s >= decay_steps:
+            return floor
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * s / decay_steps))
+
+    return factor
+
+
 def _load_parent(cfg: TrainConfig, dataset: str, model: torch.nn.Module) -> dict:
     """Load the weights of ``cfg.init`` into ``model``; return the parent's lineage."""
     from arq_gym.models.checkpoint import load_checkpoint
@@ -141,6 +166,9 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir=None, resume: bool 
     if not cfg.consistency >= 0 or cfg.noise_copies < 1 or not cfg.consistency_eta >= 0:
         raise ValueError("consistency and its eta must be >= 0 and noise_copies >= 1, got "
                          f"{cfg.consistency}, {cfg.consistency_eta}, {cfg.noise_copies}")  # fmt: skip
+    if not 0 <= cfg.swa_epochs <= cfg.epochs or (cfg.swa_epochs and not cfg.swa_lr > 0):
+        raise ValueError(f"swa_epochs must be in [0, epochs={cfg.epochs}] and swa_lr > 0, got "
+                         f"{cfg.swa_epochs}, {cfg.swa_lr}")  # fmt: skip
     if cfg.consistency > 0 and cfg.noise_copies < 2:
         raise ValueError("the consistency regulariser compares noisy copies: noise_copies >= 2")
     dataset = cfg.dataset or ARCHITECTURES[cfg.model][1]
@@ -157,9 +185,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir=None, resume: bool 
                           weight_decay=cfg.weight_decay)
     n_train = len(data.train) if cfg.train_images is None else min(cfg.train_images, len(data.train))
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / (cfg.epochs * steps_per_epoch), 1.0)))
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_factor(cfg, steps_per_epoch))
+    swa = AveragedModel(model) if cfg.swa_epochs else None
     gen = torch.Generator().manual_seed(cfg.seed)
     start_epoch, history = 0, []
     if resume:
@@ -173,6 +200,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir=None, resume: bool 
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         gen.set_state(state["generator"])
+        if swa is not None:
+            swa.load_state_dict(state["swa"])
         start_epoch, history = state["epoch"], state["history"]
     elif resume_path.exists() or out.exists():
         raise FileExistsError(f"{out} (or its resume file) exists; pass --resume or another --out")
@@ -223,6 +252,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir=None, resume: bool 
             seen += len(y)
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{total_loss / seen:.3f}", acc=f"{total_correct / seen:.3f}")
+        if swa is not None and epoch >= cfg.epochs - cfg.swa_epochs:
+            swa.update_parameters(model)
         val_acc = evaluate(model, data.val.x[:2000], data.val.y[:2000], cfg.sigma, device=cfg.device)
         rec = {"epoch": epoch + 1, "loss": total_loss / seen, "train_noisy_acc": total_correct / seen,
                "val_noisy_acc": val_acc, "lr": sched.get_last_lr()[0], "seconds": time.time() - t0}
@@ -237,8 +268,14 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir=None, resume: bool 
         tmp = resume_path.with_name(resume_path.name + ".tmp")
         torch.save({"config": asdict(cfg), "model": model.state_dict(), "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(), "generator": gen.get_state(),
-                    "epoch": epoch + 1, "history": history}, tmp)
+                    "epoch": epoch + 1, "history": history,
+                    "swa": swa.state_dict() if swa is not None else None}, tmp)
         os.replace(tmp, resume_path)
+    if swa is not None:  # the average's batch-norm statistics, on noisy training images
+        noisy = (_augment(x_all[i : i + 500].float().div_(255), gen, crop) for i in range(0, len(y_all), 500))
+        update_bn((x + cfg.sigma * torch.randn(x.shape, generator=gen) for x in noisy), swa,
+                  device=cfg.device)  # fmt: skip
+        model = swa.module
     model = model.to(memory_format=torch.contiguous_format)
     meta = {
         "architecture": cfg.model,

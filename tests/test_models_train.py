@@ -259,3 +259,27 @@ def test_training_with_consistency_runs_and_records_it(tmp_path, data_dir, one_t
     assert main(["train", "--model", "lenet5", "--consistency", "5", "--noise-copies", "1",
                  "--out", str(tmp_path / "bad.pt"), "--data-dir", str(data_dir)]) == 2
     assert "noise_copies >= 2" in capsys.readouterr().err
+
+
+def test_swa_checkpoint_is_the_average_of_the_epoch_end_weights(tmp_path, data_dir, one_torch_thread, capsys):
+    from arq_gym.cli import main
+    from arq_gym.train import TrainConfig, _lr_factor
+
+    common = ["train", "--model", "lenet5", "--sigma", "0.25", "--train-images", "512", "--swa-lr",
+              "0.02", "--data-dir", str(data_dir)]
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    assert main(common + ["--epochs", "1", "--swa-epochs", "1", "--out", str(one)]) == 0
+    assert main(common + ["--epochs", "2", "--swa-epochs", "2", "--out", str(two)]) == 0
+    # the same seed and constant lr: the first epoch of both runs is the same
+    w1 = torch.load(str(one) + ".resume.pt", weights_only=False)["model"]
+    w2 = torch.load(str(two) + ".resume.pt", weights_only=False)["model"]
+    avg, meta = load_checkpoint(two)
+    assert meta["config"]["swa_epochs"] == 2
+    for name, p in avg.named_parameters():
+        assert torch.allclose(p, (w1[name] + w2[name]) / 2, atol=1e-6), name
+        assert not torch.allclose(p, w2[name], atol=1e-4), name  # not just the last weights
+    # the schedule: cosine from lr to swa_lr, then constant
+    f = _lr_factor(TrainConfig(epochs=4, swa_epochs=2, lr=0.1, swa_lr=0.01), steps_per_epoch=10)
+    assert f(0) == 1.0 and abs(f(10) - 0.55) < 1e-9 and abs(f(20) - 0.1) < 1e-12 and f(39) == f(20)
+    assert main(common + ["--epochs", "1", "--swa-epochs", "2", "--out", str(tmp_path / "bad.pt")]) == 2
+    assert "swa_epochs must be in [0, epochs=1]" in capsys.readouterr().err

@@ -5,7 +5,11 @@
 #   consistency: EPOCHS_CONS (10) epochs with Jeong and Shin's regulariser, m = 2 noisy copies
 #                (twice the cost of an epoch), one candidate per lambda in LAMBDAS ("20": their
 #                setting at sigma 0.5 and 1.0; smaller lambdas trade less clean accuracy).
-# Both start from the shipped model of sigma S (default 1.0) with a fresh cosine schedule from
+#   swa:         SWA_EPOCHS (0: skipped) epochs at the constant lr SWA_LR (0.02), the weights of
+#                every epoch's end averaged (stochastic weight averaging, `arq-gym train
+#                --swa-epochs`), with consistency lambda SWA_LAMBDA (0: plain noise); named
+#                swa-lL. RECIPES (default "plain consistency swa") picks which families run.
+# All start from the shipped model of sigma S (default 1.0) with a fresh cosine schedule from
 # lr 0.05. Each candidate and the shipped model are then certified alike on 500 held-out
 # validation images (never the test images: this is model selection) with n = 1,000,
 # alpha = 0.001, the same noise. Outputs: runs/ (checkpoints, gitignored) and
@@ -16,6 +20,10 @@ S=${S:-1.0}
 EPOCHS_PLAIN=${EPOCHS_PLAIN:-20}
 EPOCHS_CONS=${EPOCHS_CONS:-10}
 LAMBDAS=${LAMBDAS:-20}
+SWA_EPOCHS=${SWA_EPOCHS:-0}
+SWA_LR=${SWA_LR:-0.02}
+SWA_LAMBDA=${SWA_LAMBDA:-0}
+RECIPES=${RECIPES:-plain consistency swa}
 SHIPPED=arq_gym/models/weights/resnet20_cifar10_s$S.pt
 OUT=results/experiments/sigma_recipes/s$S
 mkdir -p runs "$OUT"
@@ -36,13 +44,23 @@ certify() {  # name, checkpoint (certify writes the .json summary beside its --o
     --images 500 --n 1000 --out "$OUT/val500_n1000_$1.tsv" --quiet
 }
 
-train plain --epochs "$EPOCHS_PLAIN"
-certify shipped "$SHIPPED"
-certify plain "runs/resnet20_s${S}_plain.pt"
-for LAMBDA in $LAMBDAS; do
-  train "consistency-l$LAMBDA" --epochs "$EPOCHS_CONS" --consistency "$LAMBDA"
-  certify "consistency-l$LAMBDA" "runs/resnet20_s${S}_consistency-l$LAMBDA.pt"
-done
+SHA=$(sha256sum "$SHIPPED" | cut -c1-8)
+certify "shipped-$SHA" "$SHIPPED"  # named by its sha256: the shipped model may change
+if [[ " $RECIPES " == *" plain "* ]]; then
+  train plain --epochs "$EPOCHS_PLAIN"
+  certify plain "runs/resnet20_s${S}_plain.pt"
+fi
+if [[ " $RECIPES " == *" consistency "* ]]; then
+  for LAMBDA in $LAMBDAS; do
+    train "consistency-l$LAMBDA" --epochs "$EPOCHS_CONS" --consistency "$LAMBDA"
+    certify "consistency-l$LAMBDA" "runs/resnet20_s${S}_consistency-l$LAMBDA.pt"
+  done
+fi
+if [[ " $RECIPES " == *" swa "* ]] && [ "$SWA_EPOCHS" -gt 0 ]; then
+  train "swa-l$SWA_LAMBDA" --epochs "$SWA_EPOCHS" --swa-epochs "$SWA_EPOCHS" --swa-lr "$SWA_LR" \
+    --consistency "$SWA_LAMBDA"
+  certify "swa-l$SWA_LAMBDA" "runs/resnet20_s${S}_swa-l$SWA_LAMBDA.pt"
+fi
 python - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path

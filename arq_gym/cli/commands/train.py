@@ -28,6 +28,10 @@ def _add_train(p):
                    help="noisy copies of each image with --consistency (default 2)")
     p.add_argument("--consistency-eta", type=float, default=0.5,
                    help="weight of the mean prediction's entropy with --consistency (0.5)")
+    p.add_argument("--swa-epochs", type=int, default=0, metavar="K",
+                   help="stochastic weight averaging over the last K epochs, at --swa-lr; the "
+                        "average (batch norm recomputed under noise) is the checkpoint")  # fmt: skip
+    p.add_argument("--swa-lr", type=float, default=0.01, help="constant lr of the SWA epochs (0.01)")
     p.add_argument("--init", default=None, metavar="CKPT",
                    help="warm start from this checkpoint (same model, dataset, sigma); a fresh "
                         "cosine schedule of --epochs follows")
@@ -42,7 +46,8 @@ def cmd_train(args) -> dict:
                       bf16=not args.no_bf16, device=args.device,
                       train_images=args.train_images, init=args.init,
                       consistency=args.consistency, noise_copies=args.noise_copies,
-                      consistency_eta=args.consistency_eta)
+                      consistency_eta=args.consistency_eta, swa_epochs=args.swa_epochs,
+                      swa_lr=args.swa_lr)
     meta = train(cfg, args.out, data_dir=args.data_dir, resume=args.resume,
                  log_dir=args.log_dir or (args.out + ".tb"))
     return {k: v for k, v in meta.items() if k != "history"} | {"out": args.out}
