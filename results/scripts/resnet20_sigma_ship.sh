@@ -2,7 +2,8 @@
 # Issue 20, step 2: ship the ResNet-20 of sigma S that won the model selection of
 # resnet20_sigma_recipes.sh (RECIPE: plain or consistency-lL, a checkpoint in runs/), then
 #   1. replace the shipped model (its sha256 joins the manifest's previous_sha256, its IRS caches
-#      go) and move the old model's test certification to results/certify/superseded/;
+#      go) and move the old model's test certification to results/certify/superseded/, named
+#      with the first 8 hex digits of the old model's sha256;
 #   2. build and ship the new model's IRS caches (fidelities smoke and search);
 #   3. certify it on the 500 test images (every 20th), n = 10,000, alpha = 0.001, as the old one.
 # One heavy step at a time; every step is skipped when its output exists and the certification
@@ -10,16 +11,18 @@
 #   S=1.0 RECIPE=consistency-l2 bash results/scripts/resnet20_sigma_ship.sh
 set -euo pipefail
 S=${S:?set S, the noise level (0.5 or 1.0)}
-RECIPE=${RECIPE:?set RECIPE, the winning candidate (plain or consistency-lL)}
+RECIPE=${RECIPE:?set RECIPE, the winning candidate (plain, consistency-lL or swa-lL)}
 CKPT=runs/resnet20_s${S}_$RECIPE.pt
 OUT=results/experiments/sigma_recipes/s$S
 C=results/certify/resnet20_cifar10_s${S}_test500_n10000
 [ -f "$CKPT" ] || { echo "no candidate $CKPT: run resnet20_sigma_recipes.sh first" >&2; exit 2; }
 
-if [ ! -s "$OUT/shipped.json" ]; then
+SHIPPED=arq_gym/models/weights/resnet20_cifar10_s$S.pt
+OLD_SHA=$(sha256sum "$SHIPPED" | cut -c1-8)
+if [ "$(sha256sum "$CKPT" | cut -c1-8)" != "$OLD_SHA" ]; then  # not shipped yet
   mkdir -p results/certify/superseded
   for ext in json tsv; do
-    if [ -f "$C.$ext" ]; then mv "$C.$ext" "results/certify/superseded/"; fi
+    if [ -f "$C.$ext" ]; then mv "$C.$ext" "results/certify/superseded/$(basename "$C")-$OLD_SHA.$ext"; fi
   done
   python - "$CKPT" "$RECIPE" > "$OUT/shipped.json.tmp" <<'PY'
 import json, sys
