@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -82,6 +83,7 @@ def test_search_writes_every_output_and_resume_of_finished_run_is_a_no_op(tmp_pa
     policy, doc = load_policy(out / "best_policy.json")
     assert list(policy.w_bits) == res["w_bits"] and doc["env_id"] == TOY
     before = (out / "episodes.csv").read_bytes()
+    summary, seconds = (out / "search.json").read_bytes(), _state_seconds(out)
     # a run.json of an older version, which recorded the cache folder, still resumes
     run_json = json.loads((out / "run.json").read_text())
     assert "cache_dir" not in run_json["env_kwargs"]
@@ -90,6 +92,8 @@ def test_search_writes_every_output_and_resume_of_finished_run_is_a_no_op(tmp_pa
     again = search(TOY, "random", 8, 3, out, resume=True, final_eval=False, progress=False)
     assert again["best_reward"] == res["best_reward"] and again["episodes"] == 8
     assert (out / "episodes.csv").read_bytes() == before
+    # nothing ran, so no time is added: the summary is byte-identical, the checkpoint's clock stays
+    assert (out / "search.json").read_bytes() == summary and _state_seconds(out) == seconds
     with pytest.raises(SearchError, match="already has 8 episodes; --episodes 5 would drop"):
         search(TOY, "random", 5, 3, out, resume=True, final_eval=False, progress=False)
     assert (out / "episodes.csv").read_bytes() == before
@@ -108,6 +112,10 @@ def _cli(args: list[str], env_extra: dict | None = None) -> subprocess.Popen:
     env.update(env_extra or {})
     return subprocess.Popen([sys.executable, "-m", "arq_gym", *args], env=env, cwd=str(REPO),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+
+
+def _state_seconds(out: Path) -> float:
+    return pickle.loads((out / "state.pkl").read_bytes())["seconds"]
 
 
 def _rows(path: Path) -> int:

@@ -677,7 +677,8 @@ def _run(env, env_id, agent_name, episodes, seed, out, config, env_kwargs, agent
             checkpoint()
     finally:
         bar.close()
-    seconds = elapsed + time.perf_counter() - t_session
+    # a resumed run that had nothing left to do adds no time (its outputs stay byte-identical)
+    seconds = elapsed + (time.perf_counter() - t_session if remaining > 0 else 0.0)
     if len(records) > episodes:  # an agent that ran past the target: keep the first N
         del records[episodes:]
         best = _first_best(records)
