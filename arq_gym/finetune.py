@@ -62,6 +62,7 @@ __all__ = [
     "QATNetwork",
     "WeightFakeQuant",
     "finetune",
+    "noise_recipe",
 ]
 
 QUANTIZATION_FORMAT = "arq-quantization/1"
@@ -79,6 +80,10 @@ class FinetuneConfig:
     weight_decay: float = 1e-4
     seed: int = 0
     distill: float = 0.0  # weight of knowledge distillation from the FP32 network (0: plain CE)
+    # the noise-training recipe; None: the base model's own (its ``arq-gym train`` config)
+    consistency: float | None = None  # lambda of the consistency regulariser (0: plain noise)
+    noise_copies: int | None = None  # m: noisy copies of every image when consistency > 0
+    consistency_eta: float | None = None  # weight of the entropy of the copies' mean prediction
     bf16: bool = True  # bf16 autocast for the convolutions on the CPU; quantizers stay fp32
     val_images: int = 2000
     calibration_images: int = 512
@@ -228,15 +233,59 @@ def noisy_accuracy(model: nn.Module, x_u8: np.ndarray, y: np.ndarray, sigma: flo
     return evaluate(model, x_u8, y, sigma, seed=seed, batch=batch)
 
 
+RECIPE_FIELDS = ("consistency", "noise_copies", "consistency_eta")
+# the recipe of runs written before it was recorded: plain Gaussian noise augmentation
+PLAIN_RECIPE = {"consistency": 0.0, "noise_copies": 1, "consistency_eta": 0.5}
+
+
+def noise_recipe(cfg: Any, meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The noise-training recipe that fine-tuning (or NIPQ) of the base model ``meta`` follows.
+
+    Each of ``cfg``'s :data:`RECIPE_FIELDS` that is set wins; one left at None takes the base
+    model's value from its training configuration (``meta["config"]``, as ``arq-gym train``
+    records it), and plain Gaussian augmentation for a model that records none. Fine-tuning a
+    model trained with the consistency regulariser without it undoes what the regulariser
+    bought (at sigma 1.0 the ACR of the fine-tuned W8A8 network fell by a sixth).
+    Returns ``{"consistency": lambda, "noise_copies": m, "consistency_eta": eta}``, with
+    ``noise_copies`` 1 when lambda is 0.
+    """
+    base = meta.get("config") or {}
+    defaults = {"consistency": 0.0, "noise_copies": 2, "consistency_eta": 0.5}
+    recipe = {}
+    for name, default in defaults.items():
+        mine = getattr(cfg, name, None)
+        recipe[name] = mine if mine is not None else (base.get(name) if base.get(name) is not None
+                                                       else default)  # fmt: skip
+    lam, m, eta = float(recipe["consistency"]), int(recipe["noise_copies"]), float(recipe["consistency_eta"])
+    if not (math.isfinite(lam) and lam >= 0 and math.isfinite(eta) and eta >= 0):
+        raise ValueError(f"consistency and its eta must be >= 0, got {lam!r} and {eta!r}")
+    if lam > 0 and m < 2:
+        raise ValueError(f"the consistency regulariser compares noisy copies: noise_copies >= 2, got {m}")
+    if lam > 0 and getattr(cfg, "distill", 0.0) > 0:
+        raise ValueError("distillation and the consistency regulariser do not combine: pass "
+                         "--consistency 0 with --distill")  # fmt: skip
+    return {"consistency": lam, "noise_copies": m if lam > 0 else 1, "consistency_eta": eta}
+
+
+def config_identity(cfg: Any) -> dict[str, Any]:
+    """``asdict(cfg)`` without the recipe fields left at None, so that a run written before they
+    existed resumes under the same settings."""
+    return {k: v for k, v in asdict(cfg).items() if not (k in RECIPE_FIELDS and v is None)}
+
+
 class NoisyBatches:
     """Shuffled training batches with crop/flip augmentation (CIFAR) and the certification
-    noise, as ``arq-gym train`` makes them; one pass over the split per :meth:`epoch`."""
+    noise, as ``arq-gym train`` makes them; one pass over the split per :meth:`epoch`. With
+    ``copies`` m > 1 every batch holds m noisy copies of the same augmented images, stacked
+    (``m * B`` images, the B labels once), for the consistency regulariser."""
 
     def __init__(self, split: Any, sigma: float, batch_size: int, gen: torch.Generator,
-                 crop: bool, bf16: bool = True, device: torch.device | str = "cpu"):  # fmt: skip
+                 crop: bool, bf16: bool = True, device: torch.device | str = "cpu",
+                 copies: int = 1):  # fmt: skip
         self.x = torch.from_numpy(split.x)
         self.y = torch.from_numpy(split.y)
         self.sigma, self.batch_size, self.gen, self.crop = float(sigma), batch_size, gen, crop
+        self.copies = int(copies)
         self.device = torch.device(device)
         self.bf16 = bool(bf16) and self.device.type == "cpu"
 
@@ -251,20 +300,26 @@ class NoisyBatches:
         for step in range(len(self)):
             idx = perm[step * self.batch_size : (step + 1) * self.batch_size]
             x = _augment(self.x[idx].float().div_(255), self.gen, self.crop)
+            if self.copies > 1:  # the same augmented images, independent noise per copy
+                x = x.repeat(self.copies, 1, 1, 1)
             x = x + self.sigma * torch.randn(x.shape, generator=self.gen)
             yield x.to(self.device), self.y[idx].long().to(self.device)
 
 
 def train_epoch(net: nn.Module, opt: torch.optim.Optimizer, sched: Any, batches: NoisyBatches,
                 desc: str, progress: bool = True, penalty: Any = None,
-                teacher: nn.Module | None = None, distill: float = 0.0) -> dict[str, float]:  # fmt: skip
+                teacher: nn.Module | None = None, distill: float = 0.0,
+                consistency: float = 0.0, consistency_eta: float = 0.5) -> dict[str, float]:  # fmt: skip
     """One epoch of cross-entropy training on noisy batches (bf16 autocast on the CPU unless
     disabled). ``penalty()``, when given, is added to the loss of every step and returns
     ``(loss term, dict of floats to average and report)``. With a ``teacher`` and ``distill``
     in (0, 1] the loss is ``(1 - distill) * CE + distill * KL(teacher || student)`` on the same
     noisy batch (knowledge distillation from the FP32 network, whose smoothed classifier is the
     one to match). Returns the epoch's means (``loss``, ``train_noisy_acc`` and the penalty's
-    figures)."""
+    figures). Batches of ``m > 1`` noisy copies (:class:`NoisyBatches` ``copies``) are trained
+    with :func:`arq_gym.train.consistency_loss` at ``consistency`` and ``consistency_eta``."""
+    from arq_gym.train import consistency_loss
+
     net.train()
     total_loss, correct, seen = 0.0, 0, 0
     extra: dict[str, float] = {}
@@ -272,7 +327,12 @@ def train_epoch(net: nn.Module, opt: torch.optim.Optimizer, sched: Any, batches:
     for step, (x, y) in enumerate(bar):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=batches.bf16):
             logits = net(x)
-            loss = F.cross_entropy(logits.float(), y)
+            if batches.copies > 1:
+                logits = logits.float().reshape(batches.copies, len(y), -1)
+                loss = consistency_loss(logits, y, consistency, consistency_eta)
+                logits = logits[0]
+            else:
+                loss = F.cross_entropy(logits.float(), y)
             if teacher is not None and distill > 0:
                 with torch.no_grad():
                     target = F.softmax(teacher(x).float(), dim=1)
@@ -352,6 +412,7 @@ def finetune(
     if meta.get("quantization"):
         raise ValueError("the checkpoint is already a quantized checkpoint; fine-tune its base "
                          f"model (parent sha256 {str(meta.get('parent_sha256'))[:16]}...)")  # fmt: skip
+    recipe = noise_recipe(cfg, meta)
     sigma = float(meta["sigma"])
     dataset = meta["dataset"]
     out = Path(out)
@@ -364,7 +425,13 @@ def finetune(
         if doc.is_file():
             import json
 
-            return json.loads(doc.read_text())
+            done = json.loads(doc.read_text())
+            # runs written before the recipe was recorded trained with plain Gaussian noise
+            theirs = done.get("recipe", PLAIN_RECIPE)
+            if theirs != recipe:
+                raise ValueError(f"{out} was fine-tuned with the noise recipe {theirs}, not "
+                                 f"{recipe}: fine-tune again into another --out")  # fmt: skip
+            return done
     if resume and not resume_path.exists():
         raise FileNotFoundError(f"--resume given but {resume_path} does not exist")
     splits = splits if splits is not None else data_mod.load(dataset, data_dir)
@@ -386,7 +453,8 @@ def finetune(
     val_x, val_y = splits.val.x[:val_n], splits.val.y[:val_n]
     gen = torch.Generator().manual_seed(cfg.seed)
     batches = NoisyBatches(train_split, sigma, cfg.batch_size, gen, crop=dataset == "cifar10",
-                           bf16=cfg.bf16, device=device)  # fmt: skip
+                           bf16=cfg.bf16, device=device,
+                           copies=recipe["noise_copies"])  # fmt: skip
     steps = len(batches)
     opt = torch.optim.SGD(
         [{"params": net.weight_parameters(), "weight_decay": cfg.weight_decay},
@@ -403,10 +471,12 @@ def finetune(
         saved = torch.load(resume_path, map_location=device, weights_only=False)
         if saved.get("format") != RESUME_FORMAT:
             raise ValueError(f"{resume_path} is not a fine-tuning resume file")
-        mine = {"config": asdict(cfg), "policy": policy.to_dict(), "parent": meta.get("sha256")}
+        mine = {"config": asdict(cfg), "policy": policy.to_dict(), "parent": meta.get("sha256"),
+                "recipe": recipe}  # fmt: skip
         # settings added since the file was written take their defaults
-        theirs = {k: saved[k] for k in mine} | {"config": {**asdict(FinetuneConfig()),
-                                                            **saved["config"]}}  # fmt: skip
+        theirs = {k: saved.get(k) for k in mine} | {
+            "config": {**asdict(FinetuneConfig()), **saved["config"]},
+            "recipe": saved.get("recipe", PLAIN_RECIPE)}  # fmt: skip
         if mine != theirs:
             raise ValueError(f"{resume_path} was made with other settings: {theirs}")
         net.load_state_dict(saved["model"])
@@ -426,7 +496,8 @@ def finetune(
     for epoch in epochs:
         stats = train_epoch(net, opt, sched, batches, desc=f"finetune epoch {epoch + 1}/"
                             f"{cfg.epochs}", progress=progress, teacher=teacher,
-                            distill=cfg.distill)  # fmt: skip
+                            distill=cfg.distill, consistency=recipe["consistency"],
+                            consistency_eta=recipe["consistency_eta"])  # fmt: skip
         net.eval()
         val = noisy_accuracy(net, val_x, val_y, sigma)
         rec = {"epoch": epoch + 1, **stats, "val_noisy_acc": val, "lr": sched.get_last_lr()[0],
@@ -449,7 +520,7 @@ def finetune(
                                   epoch + 1)  # fmt: skip
             writer.flush()
         blob = {"format": RESUME_FORMAT, "config": asdict(cfg), "policy": policy.to_dict(),
-                "parent": meta.get("sha256"), "model": net.state_dict(),
+                "parent": meta.get("sha256"), "recipe": recipe, "model": net.state_dict(),
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "generator": gen.get_state(), "state": state}  # fmt: skip
         tmp = resume_path.with_name(resume_path.name + ".tmp")
@@ -473,6 +544,7 @@ def finetune(
         "seconds": state["seconds"],
         "seconds_per_epoch": state["seconds"] / max(len(state["history"]), 1),
         "config": asdict(cfg),
+        "recipe": recipe,
         "history": state["history"],
     }
     ckpt_meta = {

@@ -77,6 +77,11 @@ class NIPQConfig:
     calibration_images: int = 512
     train_images: int | None = None
     device: str = "cpu"
+    # the noise-training recipe of both phases; None: the base model's own
+    # (:func:`arq_gym.finetune.noise_recipe`)
+    consistency: float | None = None
+    noise_copies: int | None = None
+    consistency_eta: float | None = None
 
 
 def _inverse_softplus(y: float) -> float:
@@ -263,8 +268,10 @@ def nipq(
         FinetuneConfig,
         NoisyBatches,
         check_config,
+        config_identity,
         cosine_schedule,
         finetune,
+        noise_recipe,
         noisy_accuracy,
         train_epoch,
     )
@@ -272,6 +279,7 @@ def nipq(
 
     cfg = cfg or NIPQConfig()
     check_config(cfg)
+    recipe = noise_recipe(cfg, meta)
     if cfg.hard_epochs < 1:
         raise ValueError(f"hard_epochs must be >= 1, got {cfg.hard_epochs!r}")
     if not cfg.penalty >= 0:
@@ -295,7 +303,9 @@ def nipq(
     del qmodel
     check_feasible(layers, budget, (MIN_BITS, MAX_BITS), cfg.keep_first_last)
     target_bops = budget * net.fp32_bops
-    identity = {"config": asdict(cfg), "parent": meta.get("sha256")}
+    identity = {"config": config_identity(cfg), "parent": meta.get("sha256")}
+    if recipe["consistency"] > 0:  # plain runs keep the identity they had before recipes
+        identity["recipe"] = recipe
 
     if phase1_path.exists():
         phase1 = torch.load(phase1_path, map_location=device, weights_only=False)
@@ -313,7 +323,8 @@ def nipq(
         val_x, val_y = splits.val.x[:val_n], splits.val.y[:val_n]
         gen = torch.Generator().manual_seed(cfg.seed)
         batches = NoisyBatches(train_split, sigma, cfg.batch_size, gen,
-                               crop=dataset == "cifar10", bf16=cfg.bf16, device=device)  # fmt: skip
+                               crop=dataset == "cifar10", bf16=cfg.bf16, device=device,
+                               copies=recipe["noise_copies"])  # fmt: skip
         opt = torch.optim.SGD(
             [{"params": net.weight_parameters(), "weight_decay": cfg.weight_decay,
               "lr": cfg.lr},
@@ -347,7 +358,8 @@ def nipq(
         t_run = time.perf_counter() - state["seconds"]
         for epoch in range(state["epoch"], cfg.epochs):
             stats = train_epoch(net, opt, sched, batches, f"nipq epoch {epoch + 1}/{cfg.epochs}",
-                                progress, penalty=penalty)  # fmt: skip
+                                progress, penalty=penalty, consistency=recipe["consistency"],
+                                consistency_eta=recipe["consistency_eta"])  # fmt: skip
             net.eval()
             w, a = net.learned_bits()
             searched = [i for i in range(len(layers)) if i not in net.pinned]
@@ -402,13 +414,15 @@ def nipq(
         "noise_seconds": state["seconds"],
         "history": state["history"],
         "config": asdict(cfg),
+        "recipe": recipe,
     }
     atomic_write_text(out / "nipq.json", dumps(summary))
     ft_cfg = FinetuneConfig(epochs=cfg.hard_epochs, batch_size=cfg.batch_size, lr=cfg.lr,
                             momentum=cfg.momentum, weight_decay=cfg.weight_decay, seed=cfg.seed,
                             bf16=cfg.bf16, val_images=cfg.val_images,
                             calibration_images=cfg.calibration_images,
-                            train_images=cfg.train_images, device=cfg.device)  # fmt: skip
+                            train_images=cfg.train_images, device=cfg.device,
+                            **recipe)  # fmt: skip
     hard = finetune(net.float_model(model), dict(meta), enforced, out, ft_cfg, splits=splits,
                     resume=(out / "resume.pt").exists() or (out / "model.pt").exists(),
                     progress=progress, tensorboard=tensorboard,

@@ -182,3 +182,64 @@ def test_distillation_from_the_fp32_network(lenet, splits, tmp_path):
     assert runs[0.7]["history"][0]["loss"] != runs[0.0]["history"][0]["loss"]
     with pytest.raises(ValueError, match="distill"):
         finetune(model, meta, policy, tmp_path / "bad", FinetuneConfig(distill=1.5), splits=splits)
+
+
+def test_noisy_batches_stack_copies_of_the_same_augmented_images(splits):
+    """copies=m: m noisy copies of the same crop/flip, the labels once."""
+    from arq_gym.finetune import NoisyBatches
+
+    small = splits.train.subset(np.arange(64))
+    for sigma in (0.0, 0.5):
+        gen = torch.Generator().manual_seed(0)
+        x, y = next(NoisyBatches(small, sigma, 16, gen, crop=True, copies=2).epoch())
+        assert x.shape[0] == 32 and y.shape == (16,)
+        gap = (x[:16] - x[16:]).std().item()
+        assert gap == 0.0 if sigma == 0 else abs(gap - sigma * 2**0.5) < 0.05
+
+
+def test_finetune_follows_the_base_models_noise_recipe(lenet, splits, tmp_path):
+    """A model trained with the consistency regulariser is fine-tuned with it (its recipe from
+    the checkpoint's training config) unless told otherwise; the recipe is recorded and a
+    finished run of another recipe is not silently reused."""
+    from arq_gym.finetune import PLAIN_RECIPE, noise_recipe
+
+    model, meta = lenet
+    consistent = {**meta, "config": {**(meta.get("config") or {}), "consistency": 2.0,
+                                     "noise_copies": 2, "consistency_eta": 0.5}}  # fmt: skip
+    assert noise_recipe(FinetuneConfig(), meta) == PLAIN_RECIPE
+    assert noise_recipe(FinetuneConfig(), consistent) == {"consistency": 2.0, "noise_copies": 2,
+                                                          "consistency_eta": 0.5}  # fmt: skip
+    assert noise_recipe(FinetuneConfig(consistency=0.0), consistent) == PLAIN_RECIPE
+    assert noise_recipe(FinetuneConfig(consistency=1.0, noise_copies=3), meta)["noise_copies"] == 3
+    with pytest.raises(ValueError, match="noise_copies >= 2"):
+        noise_recipe(FinetuneConfig(consistency=1.0, noise_copies=1), meta)
+    with pytest.raises(ValueError, match="distillation and the consistency"):
+        noise_recipe(FinetuneConfig(distill=0.5), consistent)
+
+    policy = Policy.uniform(5, 3, keep_first_last=None)
+    cfg = FinetuneConfig(epochs=1, train_images=600, val_images=200)
+    runs = {name: finetune(model, m, policy, tmp_path / name, cfg, splits=splits, progress=False,
+                           tensorboard=False)  # fmt: skip
+            for name, m in (("plain", meta), ("consistency", consistent))}
+    assert runs["plain"]["recipe"] == PLAIN_RECIPE
+    assert runs["consistency"]["recipe"]["consistency"] == 2.0
+    assert runs["consistency"]["history"][0]["loss"] != runs["plain"]["history"][0]["loss"]
+    with pytest.raises(ValueError, match="noise recipe"):
+        finetune(model, consistent, policy, tmp_path / "plain", cfg, splits=splits, resume=True,
+                 progress=False)  # fmt: skip
+
+
+def test_committed_nipq_runs_keep_their_identity():
+    """The recipe settings, left at None, leave the identity of NIPQ runs written before them
+    unchanged, so the committed tables still resume."""
+    from pathlib import Path
+
+    from arq_gym.finetune import config_identity
+    from arq_gym.nipq import NIPQConfig
+
+    root = Path(__file__).resolve().parents[1] / "results"
+    phase1 = sorted(root.glob("resnet20_cifar10_s*_finetuned/nipq/nipq_phase1.pt"))
+    assert phase1
+    for path in phase1:
+        saved = torch.load(path, map_location="cpu", weights_only=False)["identity"]["config"]
+        assert config_identity(NIPQConfig(**saved)) == saved

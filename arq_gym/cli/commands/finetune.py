@@ -30,10 +30,31 @@ def _add_finetune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distill", type=float, default=0.0, metavar="W",
                    help="weight in [0, 1] of knowledge distillation from the FP32 network on "
                         "the same noisy images (default 0: cross-entropy only)")  # fmt: skip
+    add_recipe_arguments(p)
     p.add_argument("--no-bf16", action="store_true", help="no bf16 autocast (plain fp32)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
+    """The noise-training recipe options (default: the base model's own training recipe)."""
+    p.add_argument("--consistency", type=float, default=None, metavar="LAMBDA",
+                   help="consistency regulariser across noisy copies (Jeong and Shin 2020); "
+                        "default: the base model's own recipe, 0 (plain Gaussian noise) for a "
+                        "model trained without it")  # fmt: skip
+    p.add_argument("--noise-copies", type=int, default=None, metavar="M",
+                   help="noisy copies of each image with --consistency (default: the base "
+                        "model's, else 2)")  # fmt: skip
+    p.add_argument("--consistency-eta", type=float, default=None, metavar="ETA",
+                   help="weight of the mean prediction's entropy (default: the base model's, "
+                        "else 0.5)")  # fmt: skip
+
+
+def recipe_kwargs(args) -> dict:
+    """The recipe options of ``args`` as config fields."""
+    return {"consistency": args.consistency, "noise_copies": args.noise_copies,
+            "consistency_eta": args.consistency_eta}  # fmt: skip
 
 
 def resolve_policy(policy_file: str | None, uniform: int | None, layers) -> tuple:
@@ -72,7 +93,8 @@ def cmd_finetune(args) -> dict:
     cfg = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          weight_decay=args.weight_decay, seed=args.seed, distill=args.distill,
                          bf16=not args.no_bf16, val_images=args.val_images,
-                         train_images=args.train_images, device=args.device)  # fmt: skip
+                         train_images=args.train_images, device=args.device,
+                         **recipe_kwargs(args))  # fmt: skip
     summary = finetune(model, meta, policy, args.out, cfg, splits=splits, resume=args.resume,
                        progress=not args.quiet, policy_source=what)  # fmt: skip
     return {k: v for k, v in summary.items() if k != "history"} | {"out": args.out}

@@ -7,6 +7,7 @@ import argparse
 
 from arq_gym.cli import CLIError, command
 from arq_gym.cli.commands.certify import add_model_arguments
+from arq_gym.cli.commands.finetune import add_recipe_arguments, recipe_kwargs
 
 
 def _add_nipq(p: argparse.ArgumentParser) -> None:
@@ -31,6 +32,7 @@ def _add_nipq(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-images", type=int, default=2000)
     p.add_argument("--train-images", type=int, default=None,
                    help="use only K evenly spaced training images (quick runs)")  # fmt: skip
+    add_recipe_arguments(p)
     p.add_argument("--no-bf16", action="store_true", help="no bf16 autocast (plain fp32)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--data-dir", default=None)
@@ -74,7 +76,7 @@ def cmd_nipq(args) -> dict:
                      penalty=args.penalty, batch_size=args.batch_size, lr=args.lr,
                      bits_lr=args.bits_lr, seed=args.seed, bf16=not args.no_bf16,
                      val_images=args.val_images, train_images=args.train_images,
-                     device=args.device)  # fmt: skip
+                     device=args.device, **recipe_kwargs(args))  # fmt: skip
     summary = nipq(model, meta, args.out, cfg, splits=splits, resume=args.resume,
                    progress=not args.quiet)  # fmt: skip
     return {k: v for k, v in summary.items() if k != "history"} | {"out": args.out}
