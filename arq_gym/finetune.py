@@ -253,9 +253,10 @@ def noise_recipe(cfg: Any, meta: Mapping[str, Any]) -> dict[str, Any]:
     defaults = {"consistency": 0.0, "noise_copies": 2, "consistency_eta": 0.5}
     recipe = {}
     for name, default in defaults.items():
-        mine = getattr(cfg, name, None)
-        recipe[name] = mine if mine is not None else (base.get(name) if base.get(name) is not None
-                                                       else default)  # fmt: skip
+        value = getattr(cfg, name, None)
+        if value is None:
+            value = base.get(name)
+        recipe[name] = default if value is None else value
     lam, m, eta = float(recipe["consistency"]), int(recipe["noise_copies"]), float(recipe["consistency_eta"])
     if not (math.isfinite(lam) and lam >= 0 and math.isfinite(eta) and eta >= 0):
         raise ValueError(f"consistency and its eta must be >= 0, got {lam!r} and {eta!r}")
