@@ -84,6 +84,7 @@ def test_search_writes_every_output_and_resume_of_finished_run_is_a_no_op(tmp_pa
     assert list(policy.w_bits) == res["w_bits"] and doc["env_id"] == TOY
     before = (out / "episodes.csv").read_bytes()
     summary, seconds = (out / "search.json").read_bytes(), _state_seconds(out)
+    state, events = (out / "state.pkl").read_bytes(), sorted((out / "tb").iterdir())
     # a run.json of an older version, which recorded the cache folder, still resumes
     run_json = json.loads((out / "run.json").read_text())
     assert "cache_dir" not in run_json["env_kwargs"]
@@ -94,6 +95,8 @@ def test_search_writes_every_output_and_resume_of_finished_run_is_a_no_op(tmp_pa
     assert (out / "episodes.csv").read_bytes() == before
     # nothing ran, so no time is added: the summary is byte-identical, the checkpoint's clock stays
     assert (out / "search.json").read_bytes() == summary and _state_seconds(out) == seconds
+    # nor is the checkpoint rewritten or a TensorBoard event file added
+    assert (out / "state.pkl").read_bytes() == state and sorted((out / "tb").iterdir()) == events
     with pytest.raises(SearchError, match="already has 8 episodes; --episodes 5 would drop"):
         search(TOY, "random", 5, 3, out, resume=True, final_eval=False, progress=False)
     assert (out / "episodes.csv").read_bytes() == before

@@ -617,8 +617,9 @@ def _run(env, env_id, agent_name, episodes, seed, out, config, env_kwargs, agent
     # the checkpoint is the truth: drop CSV rows of episodes it does not hold, add missing ones
     atomic_write_text(out / "episodes.csv", _csv_text(records, radii))
 
+    remaining = episodes - len(records)
     writer = None
-    if tensorboard:
+    if tensorboard and remaining > 0:  # a finished run adds no event file when resumed
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out / "tb"), purge_step=len(records) + 1 if records else None)
@@ -670,7 +671,6 @@ def _run(env, env_id, agent_name, episodes, seed, out, config, env_kwargs, agent
         bar.set_postfix(best=f"{best['reward']:.4g}", last=f"{pending[-1]['reward']:.4g}")
         pending.clear()
 
-    remaining = episodes - len(records)
     try:
         if remaining > 0:
             agent.run(remaining, record, checkpoint)
@@ -683,11 +683,12 @@ def _run(env, env_id, agent_name, episodes, seed, out, config, env_kwargs, agent
         del records[episodes:]
         best = _first_best(records)
         atomic_write_text(out / "episodes.csv", _csv_text(records, radii))
-    final_state = dict(format=STATE_FORMAT, config=config, records=records, seconds=seconds,
-                       agent=agent.state_dict(), complete=True)  # fmt: skip
-    atomic_write_bytes(
-        out / "state.pkl", pickle.dumps(final_state, protocol=pickle.HIGHEST_PROTOCOL)
-    )
+    if remaining > 0 or state is None or not state.get("complete"):  # else: already final
+        final_state = dict(format=STATE_FORMAT, config=config, records=records, seconds=seconds,
+                           agent=agent.state_dict(), complete=True)  # fmt: skip
+        atomic_write_bytes(
+            out / "state.pkl", pickle.dumps(final_state, protocol=pickle.HIGHEST_PROTOCOL)
+        )
     agent.close()
 
     # best policy, figures

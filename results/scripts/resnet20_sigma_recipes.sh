@@ -8,9 +8,14 @@
 #   swa:         SWA_EPOCHS (0: skipped) epochs at the constant lr SWA_LR (0.02), the weights of
 #                every epoch's end averaged (stochastic weight averaging, `arq-gym train
 #                --swa-epochs`), with consistency lambda SWA_LAMBDA (0: plain noise); named
-#                swa-lL. RECIPES (default "plain consistency swa") picks which families run.
-# All start from the shipped model of sigma S (default 1.0) with a fresh cosine schedule from
-# lr 0.05. Each candidate and the shipped model are then certified alike on 500 held-out
+#                swa-lL.
+#   scratch:     EPOCHS_SCRATCH (0: skipped) epochs of Gaussian noise augmentation from a fresh
+#                initialisation (seed SCRATCH_SEED, 1), one cosine schedule from lr 0.1: the shipped
+#                models grew by warm restarts of 24-64 epochs; this asks whether one long
+#                schedule does better. Named scratch-eE.
+# RECIPES (default "plain consistency swa") picks which families run.
+# The others start from the shipped model of sigma S (default 1.0) with a fresh cosine schedule
+# from lr 0.05. Each candidate and the shipped model are then certified alike on 500 held-out
 # validation images (never the test images: this is model selection) with n = 1,000,
 # alpha = 0.001, the same noise. Outputs: runs/ (checkpoints, gitignored) and
 # results/experiments/sigma_recipes/s$S/*.json (committed). Every step is skipped when its output
@@ -23,17 +28,20 @@ LAMBDAS=${LAMBDAS:-20}
 SWA_EPOCHS=${SWA_EPOCHS:-0}
 SWA_LR=${SWA_LR:-0.02}
 SWA_LAMBDA=${SWA_LAMBDA:-0}
+EPOCHS_SCRATCH=${EPOCHS_SCRATCH:-0}
+SCRATCH_SEED=${SCRATCH_SEED:-1}
 RECIPES=${RECIPES:-plain consistency swa}
 SHIPPED=arq_gym/models/weights/resnet20_cifar10_s$S.pt
 OUT=results/experiments/sigma_recipes/s$S
 mkdir -p runs "$OUT"
 
-train() {  # name, extra arguments...
+train() {  # name, extra arguments... (a warm restart of the shipped model unless they say --lr)
   local name=$1; shift
   local ckpt=runs/resnet20_s${S}_$name.pt
   if [ ! -f "$ckpt" ]; then
     local resume=(); [ -f "$ckpt.resume.pt" ] && resume=(--resume)
-    arq-gym train --model resnet20 --sigma "$S" --init "$SHIPPED" --lr 0.05 --out "$ckpt" \
+    local start=(--init "$SHIPPED" --lr 0.05); [[ " $* " == *" --lr "* ]] && start=()
+    arq-gym train --model resnet20 --sigma "$S" "${start[@]}" --out "$ckpt" \
       "${resume[@]}" --json "$@" | tail -1 > "$OUT/train_$name.json.tmp"
     mv "$OUT/train_$name.json.tmp" "$OUT/train_$name.json"
   fi
@@ -60,6 +68,10 @@ if [[ " $RECIPES " == *" swa "* ]] && [ "$SWA_EPOCHS" -gt 0 ]; then
   train "swa-l$SWA_LAMBDA" --epochs "$SWA_EPOCHS" --swa-epochs "$SWA_EPOCHS" --swa-lr "$SWA_LR" \
     --consistency "$SWA_LAMBDA"
   certify "swa-l$SWA_LAMBDA" "runs/resnet20_s${S}_swa-l$SWA_LAMBDA.pt"
+fi
+if [[ " $RECIPES " == *" scratch "* ]] && [ "$EPOCHS_SCRATCH" -gt 0 ]; then
+  train "scratch-e$EPOCHS_SCRATCH" --epochs "$EPOCHS_SCRATCH" --lr 0.1 --seed "$SCRATCH_SEED"
+  certify "scratch-e$EPOCHS_SCRATCH" "runs/resnet20_s${S}_scratch-e$EPOCHS_SCRATCH.pt"
 fi
 python - "$OUT" <<'PY'
 import json, sys
