@@ -618,8 +618,10 @@ def _run(env, env_id, agent_name, episodes, seed, out, config, env_kwargs, agent
     atomic_write_text(out / "episodes.csv", _csv_text(records, radii))
 
     remaining = episodes - len(records)
+    # a resumed run that was already complete rewrites neither its checkpoint nor its event files
+    finished = remaining <= 0 and state is not None and bool(state.get("complete"))
     writer = None
-    if tensorboard and remaining > 0:  # a finished run adds no event file when resumed
+    if tensorboard and not finished:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out / "tb"), purge_step=len(records) + 1 if records else None)
@@ -683,7 +685,7 @@ def _run(env, env_id, agent_name, episodes, seed, out, config, env_kwargs, agent
         del records[episodes:]
         best = _first_best(records)
         atomic_write_text(out / "episodes.csv", _csv_text(records, radii))
-    if remaining > 0 or state is None or not state.get("complete"):  # else: already final
+    if not finished:
         final_state = dict(format=STATE_FORMAT, config=config, records=records, seconds=seconds,
                            agent=agent.state_dict(), complete=True)  # fmt: skip
         atomic_write_bytes(
