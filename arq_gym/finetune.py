@@ -432,6 +432,14 @@ def finetune(
             if theirs != recipe:
                 raise ValueError(f"{out} was fine-tuned with the noise recipe {theirs}, not "
                                  f"{recipe}: fine-tune again into another --out")  # fmt: skip
+            parent = done.get("parent_sha256")
+            if parent is not None and parent != meta.get("sha256"):
+                raise ValueError(f"{out} was fine-tuned from the base model {parent[:16]}..., not "
+                                 f"{str(meta.get('sha256'))[:16]}...: fine-tune again into "
+                                 "another --out")  # fmt: skip
+            if "policy" in done and done["policy"] != policy.to_dict():
+                raise ValueError(f"{out} holds the fine-tuning of another policy: fine-tune "
+                                 "again into another --out")  # fmt: skip
             return done
     if resume and not resume_path.exists():
         raise FileNotFoundError(f"--resume given but {resume_path} does not exist")

@@ -124,6 +124,14 @@ def test_finetune_outputs_and_resume_refusal(finetuned, lenet, splits):
     again = finetune(model, meta, policy, out, FinetuneConfig(epochs=2, train_images=4000,
                      val_images=1000), splits=splits, resume=True, progress=False)  # fmt: skip
     assert again["checkpoint_sha256"] == summary["checkpoint_sha256"]
+    # but not when the base model or the policy differs from the finished run's
+    with pytest.raises(ValueError, match="fine-tuned from the base model"):
+        finetune(model, {**meta, "sha256": "0" * 64}, policy, out, FinetuneConfig(epochs=2),
+                 splits=splits, resume=True, progress=False)  # fmt: skip
+    other = Policy(tuple(8 for _ in policy.w_bits), tuple(8 for _ in policy.a_bits))
+    with pytest.raises(ValueError, match="another policy"):
+        finetune(model, meta, other, out, FinetuneConfig(epochs=2), splits=splits, resume=True,
+                 progress=False)  # fmt: skip
 
 
 def test_certify_cli_round_trip(finetuned, data_dir, capsys):

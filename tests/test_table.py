@@ -11,7 +11,7 @@ import torch
 
 from arq_gym.cli import main
 from arq_gym.experiments import table as table_mod
-from arq_gym.experiments.search import SearchError
+from arq_gym.experiments.search import SearchError, search
 from arq_gym.smoothing import certify
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -106,6 +106,28 @@ def test_interrupted_table_resumes_without_repeating_work(tmp_path, data_dir, mo
     assert state["episodes"] == 2  # the finished search was not run again
     with pytest.raises(SearchError, match="episodes=2, not 3"):
         table_mod.results_table("ARQ-LeNet5-v0", out, resume=True, **(kw | {"episodes": 3}))
+    # a table of another base model (the shipped one changed) is never resumed into a mixture
+    meta = json.loads((out / "table.json").read_text())
+    assert meta["checkpoint_sha256"] == table_mod.recorded_base_model(out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for where in ("table.json", "searches"):  # tables written before table.json recorded it too
+        if where == "searches":
+            del meta["checkpoint_sha256"]
+            run = out / "searches" / "random" / "run.json"
+            doc = json.loads(run.read_text())
+            doc["problem"]["checkpoint_sha256"] = "0" * 64
+            run.write_text(json.dumps(doc))
+        else:
+            meta["checkpoint_sha256"] = "0" * 64
+        (out / "table.json").write_text(json.dumps(meta))
+        with pytest.raises(SearchError, match="base model 0000000000000000..., but the env now"):
+            table_mod.results_table("ARQ-LeNet5-v0", out, resume=True, **kw)
+    # and a search resumed on another base model says so
+    with pytest.raises(SearchError, match="searched on the base model 0000000000000000"):
+        search(**{**table_mod._row_searches(table_mod.parse_rows("random"),
+                                                      "ARQ-LeNet5-v0", kw["env_kwargs"], None,
+                                                      2, 0, out)[0]["search"]})  # fmt: skip
+    assert {p for p in out.rglob("*") if p.is_file()} == set(before)
 
 
 def test_bad_table_input_is_one_clear_error(tmp_path, data_dir):

@@ -578,6 +578,14 @@ def search(
                           f"not {config['action_space']}; resume it with the env kwargs it was "
                           "made with (runs made before bits_mode existed: add "
                           "--env-kwargs bits_mode=tied) or choose another --out")  # fmt: skip
+    base = (prev or {}).get("problem", {}).get("checkpoint_sha256")
+    problem = _env_problem(env)
+    now = getattr(problem, "checkpoint_sha256", None)
+    if base is not None and now is not None and base != now:
+        env.close()
+        raise SearchError(f"output dir {out} holds a run searched on the base model {base[:16]}..., "
+                          f"but the env now loads {now[:16]}... (the shipped model changed?); "
+                          "choose another --out")  # fmt: skip
     try:
         return _run(env, env_id, agent, int(episodes), int(seed), out, config, env_kwargs,
                     agent_kwargs, final_eval, final_images, final_n, final_n0, final_alpha,

@@ -302,6 +302,30 @@ def check_out(out: Path, settings: dict, resume: bool, meta_name: str = "table.j
                               f"not {value!r}; choose another --out")  # fmt: skip
 
 
+def recorded_base_model(out: Path) -> str | None:
+    """The sha256 of the base model a results folder's table was made with: from its
+    table.json, or, for tables written before that was recorded, from its searches' run.json
+    or the post-training rows' certificates; None for a new folder."""
+    meta = out / "table.json"
+    with contextlib.suppress(OSError, json.JSONDecodeError):
+        sha = json.loads(meta.read_text()).get("checkpoint_sha256")
+        if sha:
+            return sha
+    for run in sorted(out.glob("searches/*/run.json")):
+        with contextlib.suppress(OSError, json.JSONDecodeError, AttributeError):
+            sha = json.loads(run.read_text()).get("problem", {}).get("checkpoint_sha256")
+            if sha:
+                return sha
+    for cert in sorted(out.glob("certs/*.json")):
+        if "+ft" in cert.stem or cert.stem == "nipq":  # certified from a tuned checkpoint
+            continue
+        with contextlib.suppress(OSError, json.JSONDecodeError, AttributeError):
+            sha = json.loads(cert.read_text()).get("ident", {}).get("checkpoint_sha256")
+            if sha:
+                return sha
+    return None
+
+
 def results_table(
     env_id: str,
     out: str | os.PathLike,
@@ -383,13 +407,19 @@ def results_table(
         if created:
             shutil.rmtree(out, ignore_errors=True)
         raise
+    base = recorded_base_model(out)
+    if base is not None and base != problem.checkpoint_sha256:
+        raise SearchError(f"output dir {out} holds a table of the base model {base[:16]}..., but "
+                          f"the env now loads {problem.checkpoint_sha256[:16]}... (the shipped "
+                          "model changed?); choose another --out")  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     meta_path = out / "table.json"
     if meta_path.is_file():
         started = json.loads(meta_path.read_text()).get("started", started)
     atomic_write_text(meta_path, dumps({"format": TABLE_FORMAT, "settings": settings,
-                                        "command": command, "started": started}))  # fmt: skip
+                                        "command": command, "started": started,
+                                        "checkpoint_sha256": problem.checkpoint_sha256}))  # fmt: skip
 
     data_dir = env_kwargs.get("data_dir")
     jobs = _row_searches(row_list, env_id, env_kwargs, agent_kwargs, episodes, seed, out)
