@@ -25,6 +25,16 @@ over the first ``epochs - K`` epochs from ``lr`` down to ``swa_lr``, the last K 
 recomputed on one pass of noisy training images (``update_bn``). The averaged weights are the
 checkpoint. With ``init`` and ``epochs == swa_epochs`` this is SWA started from a trained model.
 
+``teachers`` (checkpoints, any architecture of the same dataset and sigma) with ``distill``
+(alpha in (0, 1]) adds knowledge distillation (Hinton et al. 2015, "Distilling the Knowledge in a
+Neural Network"): the teachers, in eval mode, see the very noisy images the student sees, their
+softmax outputs at temperature ``distill_temperature`` (T) are averaged (an ensemble), and the
+loss becomes ``(1 - alpha) * task loss + alpha * T^2 * KL(teachers || student)`` at T. An
+ensemble of noise-trained models predicts more accurately and more stably under noise than any
+of its members (Horvath et al. 2022, "Boosting Randomized Smoothing with Variance Reduced
+Classifiers"); distillation hands part of that to one network of the size the environment
+quantizes. Every teacher costs one forward pass per noisy image.
+
 ``init`` warm-starts from another checkpoint of the same architecture, dataset and sigma: its
 weights are loaded and a fresh cosine schedule runs for ``epochs`` more (a warm restart in the
 sense of SGDR, Loshchilov and Hutter 2017). The metadata records the parent's sha256 and
@@ -77,6 +87,9 @@ class TrainConfig:
     consistency_eta: float = 0.5  # weight of the entropy of the copies' mean prediction
     swa_epochs: int = 0  # K: average the weights of the last K epochs (0: no averaging)
     swa_lr: float = 0.01  # the constant learning rate of those K epochs
+    teachers: tuple[str, ...] = ()  # checkpoints whose averaged prediction the student imitates
+    distill: float = 0.0  # alpha: weight of the distillation term (0: no teachers)
+    distill_temperature: float = 1.0  # T of the softened softmax outputs
 
 
 def consistency_loss(logits: torch.Tensor, y: torch.Tensor, lam: float,
@@ -93,6 +106,41 @@ def consistency_loss(logits: torch.Tensor, y: torch.Tensor, lam: float,
     kl = (p_mean * (log_mean - log_p)).sum(-1).mean()  # averaged over copies and images
     entropy = -(p_mean * log_mean).sum(-1).mean()
     return ce + lam * kl + eta * entropy
+
+
+def distillation_loss(student: torch.Tensor, teacher_probs: torch.Tensor,
+                      temperature: float) -> torch.Tensor:  # fmt: skip
+    """``T^2 * KL(teacher || student)`` at temperature ``T``, averaged over the batch, where
+    ``teacher_probs`` are the teachers' (averaged) softmax outputs at that temperature."""
+    log_student = F.log_softmax(student / temperature, dim=-1)
+    kl = F.kl_div(log_student, teacher_probs.clamp_min(1e-12), reduction="batchmean")
+    return temperature**2 * kl
+
+
+def _load_teachers(cfg: TrainConfig, dataset: str) -> tuple[list[torch.nn.Module], list[dict]]:
+    """The teacher models of ``cfg.teachers`` (eval mode, frozen) and their lineage records."""
+    from arq_gym.models.checkpoint import load_checkpoint
+
+    models, records = [], []
+    for path in cfg.teachers:
+        teacher, meta = load_checkpoint(path, device=cfg.device)
+        theirs = (meta.get("dataset"), float(meta["sigma"]))
+        if theirs != (dataset, float(cfg.sigma)):
+            raise ValueError(f"teacher {path} is {theirs} (dataset, sigma); this run trains "
+                             f"{(dataset, float(cfg.sigma))}")  # fmt: skip
+        teacher.requires_grad_(False)
+        if cfg.channels_last:
+            teacher = teacher.to(memory_format=torch.channels_last)
+        models.append(teacher.eval())
+        records.append({"file": Path(path).name, "sha256": meta["sha256"],
+                        "architecture": meta["architecture"]})  # fmt: skip
+    return models, records
+
+
+@torch.no_grad()
+def _teacher_probs(teachers: list[torch.nn.Module], x: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The mean of the teachers' softmax outputs at ``temperature`` on the inputs ``x``."""
+    return torch.stack([(t(x).float() / temperature).softmax(-1) for t in teachers]).mean(0)
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator, crop: bool) -> torch.Tensor:
@@ -171,6 +219,12 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir=None, resume: bool 
                          f"{cfg.swa_epochs}, {cfg.swa_lr}")  # fmt: skip
     if cfg.consistency > 0 and cfg.noise_copies < 2:
         raise ValueError("the consistency regulariser compares noisy copies: noise_copies >= 2")
+    if bool(cfg.teachers) != (cfg.distill > 0) or not 0 <= cfg.distill <= 1 \
+            or not cfg.distill_temperature > 0:  # fmt: skip
+        raise ValueError("distillation needs both teachers and a weight in (0, 1] (and a "
+                         f"temperature > 0), got {len(cfg.teachers)} teachers, weight "
+                         f"{cfg.distill}, temperature {cfg.distill_temperature}")  # fmt: skip
+    cfg.teachers = tuple(str(t) for t in cfg.teachers)
     dataset = cfg.dataset or ARCHITECTURES[cfg.model][1]
     cfg.dataset = dataset
     out = Path(out)
@@ -179,6 +233,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir=None, resume: bool 
     torch.manual_seed(cfg.seed)
     model = build(cfg.model, dataset).to(cfg.device)
     parent = _load_parent(cfg, dataset, model) if cfg.init else None
+    teachers, teacher_records = _load_teachers(cfg, dataset)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
@@ -236,6 +291,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir=None, resume: bool 
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16 and cfg.device == "cpu"):
                 logits = model(x.to(cfg.device)).float()
+                logits_all = logits  # every noisy copy, [copies * B, C]
                 if copies > 1:
                     logits = logits.reshape(copies, len(y), -1)
                     loss = consistency_loss(logits, y.to(cfg.device), cfg.consistency,
@@ -243,6 +299,10 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir=None, resume: bool 
                     logits = logits[0]
                 else:
                     loss = F.cross_entropy(logits, y.to(cfg.device))
+                if teachers:
+                    soft = _teacher_probs(teachers, x.to(cfg.device), cfg.distill_temperature)
+                    loss = (1 - cfg.distill) * loss + cfg.distill * distillation_loss(
+                        logits_all, soft, cfg.distill_temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -287,7 +347,9 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir=None, resume: bool 
         "total_epochs": cfg.epochs + (parent["total_epochs"] if parent else 0),
         "parent_sha256": parent["sha256"] if parent else None,
         # the parent is named by parent_sha256; its file name only, no folder of this machine
-        "config": asdict(cfg) | {"init": Path(cfg.init).name if cfg.init else None},
+        "config": asdict(cfg) | {"init": Path(cfg.init).name if cfg.init else None,
+                                 "teachers": [Path(t).name for t in cfg.teachers]},
+        "teachers": teacher_records,
         "clean_test_accuracy": evaluate(model, data.test.x, data.test.y, 0.0, device=cfg.device),
         "noisy_test_accuracy": evaluate(model, data.test.x, data.test.y, cfg.sigma, device=cfg.device),
         "history": history,

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -283,3 +284,56 @@ def test_swa_checkpoint_is_the_average_of_the_epoch_end_weights(tmp_path, data_d
     assert f(0) == 1.0 and abs(f(10) - 0.55) < 1e-9 and abs(f(20) - 0.1) < 1e-12 and f(39) == f(20)
     assert main(common + ["--epochs", "1", "--swa-epochs", "2", "--out", str(tmp_path / "bad.pt")]) == 2
     assert "swa_epochs must be in [0, epochs=1]" in capsys.readouterr().err
+
+
+def test_distillation_loss_vanishes_at_the_teacher_and_pulls_towards_it():
+    from arq_gym.train import distillation_loss
+
+    torch.manual_seed(0)
+    teacher_logits = torch.randn(5, 10)
+    for t in (1.0, 4.0):
+        probs = (teacher_logits / t).softmax(-1)
+        assert distillation_loss(teacher_logits, probs, t).abs() < 1e-5  # the student is the teacher
+        student = torch.randn(5, 10, requires_grad=True)
+        before = distillation_loss(student, probs, t)
+        assert before > 0.05
+        before.backward()
+        with torch.no_grad():
+            assert distillation_loss(student - 0.5 * student.grad, probs, t) < before
+
+
+def test_distilled_student_learns_from_its_teacher_not_the_labels(tmp_path, data_dir, one_torch_thread,
+                                                                   monkeypatch, capsys):
+    import dataclasses
+
+    import arq_gym.train as train_module
+    from arq_gym.cli import main
+    from arq_gym.models import zoo
+
+    real_load = train_module.load_data
+
+    def shuffled_labels(name, data_dir=None):  # the training labels say nothing about the images
+        data = real_load(name, data_dir)
+        y = np.random.default_rng(0).permutation(data.train.y)
+        return dataclasses.replace(data, train=dataclasses.replace(data.train, y=y))
+
+    monkeypatch.setattr(train_module, "load_data", shuffled_labels)
+    entry = zoo.find_shipped("lenet5", None, 0.25)
+    teacher_path = zoo.WEIGHTS_DIR / entry["file"]
+    common = ["train", "--model", "lenet5", "--sigma", "0.25", "--epochs", "2", "--train-images",
+              "4096", "--lr", "0.1", "--data-dir", str(data_dir)]
+    plain, taught = tmp_path / "plain.pt", tmp_path / "taught.pt"
+    assert main(common + ["--out", str(plain)]) == 0
+    assert main(common + ["--teacher", str(teacher_path), "--distill", "1", "--out", str(taught)]) == 0
+    acc = {p.name: load_checkpoint(p)[1]["noisy_test_accuracy"] for p in (plain, taught)}
+    # alpha = 1: the labels are not used, all the student knows comes from the teacher
+    assert acc["plain.pt"] < 0.2 and acc["taught.pt"] > 0.4, acc
+    _, meta = load_checkpoint(taught)
+    assert meta["teachers"] == [{"file": teacher_path.name, "sha256": entry["sha256"],
+                                 "architecture": "lenet5"}]
+    assert meta["config"]["teachers"] == [teacher_path.name] and meta["config"]["distill"] == 1.0
+    wrong = zoo.WEIGHTS_DIR / zoo.find_shipped("lenet5", None, 0.5)["file"]
+    assert main(common + ["--teacher", str(wrong), "--out", str(tmp_path / "bad.pt")]) == 2
+    assert "(dataset, sigma)" in capsys.readouterr().err and not (tmp_path / "bad.pt").exists()
+    assert main(common + ["--distill", "0.5", "--out", str(tmp_path / "bad.pt")]) == 2
+    assert "distillation needs both teachers" in capsys.readouterr().err

@@ -13,6 +13,11 @@
 #                initialisation (seed SCRATCH_SEED, 1), one cosine schedule from lr 0.1: the shipped
 #                models grew by warm restarts of 24-64 epochs; this asks whether one long
 #                schedule does better. Named scratch-eE.
+#   distill:     EPOCHS_DISTILL (0: skipped) epochs of knowledge distillation (`arq-gym train
+#                --teacher`, weight DISTILL_ALPHA, 0.5, temperature 1) from the ensemble of
+#                TEACHERS (default "shipped scratch-e80": the shipped model and
+#                runs/resnet20_s${S}_scratch-e80.pt, the best pair of
+#                results/scripts/ensemble_noisy_accuracy.py at sigma 1.0). Named distill-eE.
 # RECIPES (default "plain consistency swa") picks which families run.
 # The others start from the shipped model of sigma S (default 1.0) with a fresh cosine schedule
 # from lr 0.05. Each candidate and the shipped model are then certified alike on 500 held-out
@@ -30,6 +35,9 @@ SWA_LR=${SWA_LR:-0.02}
 SWA_LAMBDA=${SWA_LAMBDA:-0}
 EPOCHS_SCRATCH=${EPOCHS_SCRATCH:-0}
 SCRATCH_SEED=${SCRATCH_SEED:-1}
+EPOCHS_DISTILL=${EPOCHS_DISTILL:-0}
+DISTILL_ALPHA=${DISTILL_ALPHA:-0.5}
+TEACHERS=${TEACHERS:-shipped scratch-e80}
 RECIPES=${RECIPES:-plain consistency swa}
 SHIPPED=arq_gym/models/weights/resnet20_cifar10_s$S.pt
 OUT=results/experiments/sigma_recipes/s$S
@@ -72,6 +80,15 @@ fi
 if [[ " $RECIPES " == *" scratch "* ]] && [ "$EPOCHS_SCRATCH" -gt 0 ]; then
   train "scratch-e$EPOCHS_SCRATCH" --epochs "$EPOCHS_SCRATCH" --lr 0.1 --seed "$SCRATCH_SEED"
   certify "scratch-e$EPOCHS_SCRATCH" "runs/resnet20_s${S}_scratch-e$EPOCHS_SCRATCH.pt"
+fi
+if [[ " $RECIPES " == *" distill "* ]] && [ "$EPOCHS_DISTILL" -gt 0 ]; then
+  teacher_args=()
+  for t in $TEACHERS; do
+    if [ "$t" = shipped ]; then teacher_args+=(--teacher "$SHIPPED")
+    else teacher_args+=(--teacher "runs/resnet20_s${S}_$t.pt"); fi
+  done
+  train "distill-e$EPOCHS_DISTILL" --epochs "$EPOCHS_DISTILL" --distill "$DISTILL_ALPHA" "${teacher_args[@]}"
+  certify "distill-e$EPOCHS_DISTILL" "runs/resnet20_s${S}_distill-e$EPOCHS_DISTILL.pt"
 fi
 python - "$OUT" <<'PY'
 import json, sys

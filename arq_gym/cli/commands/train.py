@@ -32,6 +32,13 @@ def _add_train(p):
                    help="stochastic weight averaging over the last K epochs, at --swa-lr; the "
                         "average (batch norm recomputed under noise) is the checkpoint")  # fmt: skip
     p.add_argument("--swa-lr", type=float, default=0.01, help="constant lr of the SWA epochs (0.01)")
+    p.add_argument("--teacher", action="append", default=[], metavar="CKPT",
+                   help="distil from this checkpoint (same dataset and sigma, any architecture); "
+                        "repeat for an ensemble, whose softmax outputs are averaged")  # fmt: skip
+    p.add_argument("--distill", type=float, default=None, metavar="ALPHA",
+                   help="weight of the distillation term in (0, 1] (default 0.5 with --teacher)")
+    p.add_argument("--distill-temperature", type=float, default=1.0, metavar="T",
+                   help="softmax temperature of the distillation term (default 1)")
     p.add_argument("--init", default=None, metavar="CKPT",
                    help="warm start from this checkpoint (same model, dataset, sigma); a fresh "
                         "cosine schedule of --epochs follows")
@@ -47,7 +54,9 @@ def cmd_train(args) -> dict:
                       train_images=args.train_images, init=args.init,
                       consistency=args.consistency, noise_copies=args.noise_copies,
                       consistency_eta=args.consistency_eta, swa_epochs=args.swa_epochs,
-                      swa_lr=args.swa_lr)
+                      swa_lr=args.swa_lr, teachers=tuple(args.teacher),
+                      distill=args.distill if args.distill is not None else 0.5 * bool(args.teacher),
+                      distill_temperature=args.distill_temperature)
     meta = train(cfg, args.out, data_dir=args.data_dir, resume=args.resume,
                  log_dir=args.log_dir or (args.out + ".tb"))
     return {k: v for k, v in meta.items() if k != "history"} | {"out": args.out}
