@@ -18,7 +18,8 @@
 #                TEACHERS (default "shipped scratch-e80": the shipped model and
 #                runs/resnet20_s${S}_scratch-e80.pt, the best pair of
 #                results/scripts/ensemble_noisy_accuracy.py at sigma 1.0), with the consistency
-#                regulariser at lambda DISTILL_LAMBDA (0: none). Named distill-eE (-lL with it).
+#                regulariser at lambda DISTILL_LAMBDA (0: none). Named distill-eE (-lL with it),
+#                followed by DISTILL_TAG (default empty; e.g. "-t3" for another teacher set).
 # RECIPES (default "plain consistency swa") picks which families run.
 # The others start from the shipped model of sigma S (default 1.0) with a fresh cosine schedule
 # from lr 0.05. Each candidate and the shipped model are then certified alike on 500 held-out
@@ -40,6 +41,7 @@ EPOCHS_DISTILL=${EPOCHS_DISTILL:-0}
 DISTILL_ALPHA=${DISTILL_ALPHA:-0.5}
 TEACHERS=${TEACHERS:-shipped scratch-e80}
 DISTILL_LAMBDA=${DISTILL_LAMBDA:-0}
+DISTILL_TAG=${DISTILL_TAG:-}
 RECIPES=${RECIPES:-plain consistency swa}
 SHIPPED=arq_gym/models/weights/resnet20_cifar10_s$S.pt
 OUT=results/experiments/sigma_recipes/s$S
@@ -90,6 +92,7 @@ if [[ " $RECIPES " == *" distill "* ]] && [ "$EPOCHS_DISTILL" -gt 0 ]; then
     else teacher_args+=(--teacher "runs/resnet20_s${S}_$t.pt"); fi
   done
   name=distill-e$EPOCHS_DISTILL; [ "$DISTILL_LAMBDA" = 0 ] || name=$name-l$DISTILL_LAMBDA
+  name=$name$DISTILL_TAG
   train "$name" --epochs "$EPOCHS_DISTILL" --distill "$DISTILL_ALPHA" "${teacher_args[@]}" \
     --consistency "$DISTILL_LAMBDA"
   certify "$name" "runs/resnet20_s${S}_$name.pt"
