@@ -104,6 +104,14 @@ def test_certificate_tsv_and_json(tmp_path):
     data = json.loads(c.to_json(tmp_path / "c.json", model="x"))
     assert data["model"] == "x" and data["acr"] == pytest.approx(c.acr)
     assert json.loads((tmp_path / "c.json").read_text()) == data
+    back = Certificate.from_tsv(tmp_path / "c.tsv", sigma=c.sigma)
+    for name in ("idx", "label", "predict", "correct"):
+        assert np.array_equal(getattr(back, name), getattr(c, name))
+    assert np.allclose(back.radius, c.radius, atol=5e-5) and np.allclose(back.time, c.time)
+    assert back.acr == pytest.approx(c.acr, abs=5e-5) and back.sigma == c.sigma
+    (tmp_path / "bad.tsv").write_text("idx\tradius\n0\t0.5\n")
+    with pytest.raises(ValueError, match="not a certificate table"):
+        Certificate.from_tsv(tmp_path / "bad.tsv")
 
 
 def test_certificate_rejects_ragged_arrays():

@@ -160,6 +160,29 @@ class Certificate:
             )
         path.write_text("\n".join(lines) + "\n")
 
+    @classmethod
+    def from_tsv(cls, path: str | os.PathLike, sigma: float = float("nan"),
+                 alpha: float = float("nan")) -> Certificate:  # fmt: skip
+        """The certificate a :meth:`to_tsv` file holds. The table does not keep ``pa_lower``,
+        ``zeta``, sigma, alpha, forward passes or seconds: ``pa_lower`` and ``zeta`` come back
+        NaN, sigma and alpha as given (NaN by default), the totals 0; radii have 4 decimals."""
+        rows = [line.split("\t") for line in Path(path).read_text().splitlines()[1:] if line]
+        if any(len(r) != 6 for r in rows):
+            raise ValueError(f"{path}: not a certificate table (idx label predict radius "
+                             "correct time)")  # fmt: skip
+
+        def seconds(text: str) -> float:
+            h, m, s = text.split(":")
+            return int(h) * 3600 + int(m) * 60 + float(s)
+
+        n = len(rows)
+        column = list(zip(*rows)) if rows else [()] * 6
+        return cls(idx=[int(v) for v in column[0]], label=[int(v) for v in column[1]],
+                   predict=[int(v) for v in column[2]], radius=[float(v) for v in column[3]],
+                   correct=[v == "1" for v in column[4]], pa_lower=np.full(n, np.nan),
+                   zeta=np.full(n, np.nan), time=[seconds(v) for v in column[5]], sigma=sigma,
+                   alpha=alpha, forward_passes=0, seconds=0.0)  # fmt: skip
+
     def to_json(
         self, path: str | os.PathLike | None = None, radii: Iterable[float] = DEFAULT_RADII, **extra
     ) -> str:
