@@ -12,12 +12,15 @@
 #   scratch:     EPOCHS_SCRATCH (0: skipped) epochs of Gaussian noise augmentation from a fresh
 #                initialisation (seed SCRATCH_SEED, 1), one cosine schedule from lr 0.1: the shipped
 #                models grew by warm restarts of 24-64 epochs; this asks whether one long
-#                schedule does better. Named scratch-eE.
+#                schedule does better. Named scratch-eE. SCRATCH_MODEL (default resnet20) trains
+#                another architecture the same way, as a teacher for distill (checkpoint
+#                runs/SCRATCH_MODEL_s${S}_scratch-eE.pt; not certified unless it is resnet20).
 #   distill:     EPOCHS_DISTILL (0: skipped) epochs of knowledge distillation (`arq-gym train
 #                --teacher`, weight DISTILL_ALPHA, 0.5, temperature 1) from the ensemble of
 #                TEACHERS (default "shipped scratch-e80": the shipped model and
 #                runs/resnet20_s${S}_scratch-e80.pt, the best pair of
-#                results/scripts/ensemble_noisy_accuracy.py at sigma 1.0), with the consistency
+#                results/scripts/ensemble_noisy_accuracy.py at sigma 1.0; an entry with a "/"
+#                is a checkpoint path, e.g. runs/resnet56_s1.0_scratch-e36.pt), with the consistency
 #                regulariser at lambda DISTILL_LAMBDA (0: none). Named distill-eE (-lL with it),
 #                followed by DISTILL_TAG (default empty; e.g. "-t3" for another teacher set).
 # RECIPES (default "plain consistency swa") picks which families run.
@@ -37,6 +40,7 @@ SWA_LR=${SWA_LR:-0.02}
 SWA_LAMBDA=${SWA_LAMBDA:-0}
 EPOCHS_SCRATCH=${EPOCHS_SCRATCH:-0}
 SCRATCH_SEED=${SCRATCH_SEED:-1}
+SCRATCH_MODEL=${SCRATCH_MODEL:-resnet20}
 EPOCHS_DISTILL=${EPOCHS_DISTILL:-0}
 DISTILL_ALPHA=${DISTILL_ALPHA:-0.5}
 TEACHERS=${TEACHERS:-shipped scratch-e80}
@@ -49,13 +53,15 @@ mkdir -p runs "$OUT"
 
 train() {  # name, extra arguments... (a warm restart of the shipped model unless they say --lr)
   local name=$1; shift
-  local ckpt=runs/resnet20_s${S}_$name.pt
+  local model=${TRAIN_MODEL:-resnet20}
+  local ckpt=runs/${model}_s${S}_$name.pt
   if [ ! -f "$ckpt" ]; then
     local resume=(); [ -f "$ckpt.resume.pt" ] && resume=(--resume)
     local start=(--init "$SHIPPED" --lr 0.05); [[ " $* " == *" --lr "* ]] && start=()
-    arq-gym train --model resnet20 --sigma "$S" "${start[@]}" --out "$ckpt" \
-      "${resume[@]}" --json "$@" | tail -1 > "$OUT/train_$name.json.tmp"
-    mv "$OUT/train_$name.json.tmp" "$OUT/train_$name.json"
+    local tag=$name; [ "$model" = resnet20 ] || tag=$model-$name
+    arq-gym train --model "$model" --sigma "$S" "${start[@]}" --out "$ckpt" \
+      "${resume[@]}" --json "$@" | tail -1 > "$OUT/train_$tag.json.tmp"
+    mv "$OUT/train_$tag.json.tmp" "$OUT/train_$tag.json"
   fi
 }
 
@@ -82,13 +88,16 @@ if [[ " $RECIPES " == *" swa "* ]] && [ "$SWA_EPOCHS" -gt 0 ]; then
   certify "swa-l$SWA_LAMBDA" "runs/resnet20_s${S}_swa-l$SWA_LAMBDA.pt"
 fi
 if [[ " $RECIPES " == *" scratch "* ]] && [ "$EPOCHS_SCRATCH" -gt 0 ]; then
-  train "scratch-e$EPOCHS_SCRATCH" --epochs "$EPOCHS_SCRATCH" --lr 0.1 --seed "$SCRATCH_SEED"
-  certify "scratch-e$EPOCHS_SCRATCH" "runs/resnet20_s${S}_scratch-e$EPOCHS_SCRATCH.pt"
+  TRAIN_MODEL=$SCRATCH_MODEL train "scratch-e$EPOCHS_SCRATCH" --epochs "$EPOCHS_SCRATCH" --lr 0.1 \
+    --seed "$SCRATCH_SEED"
+  [ "$SCRATCH_MODEL" != resnet20 ] ||
+    certify "scratch-e$EPOCHS_SCRATCH" "runs/resnet20_s${S}_scratch-e$EPOCHS_SCRATCH.pt"
 fi
 if [[ " $RECIPES " == *" distill "* ]] && [ "$EPOCHS_DISTILL" -gt 0 ]; then
   teacher_args=()
   for t in $TEACHERS; do
     if [ "$t" = shipped ]; then teacher_args+=(--teacher "$SHIPPED")
+    elif [[ "$t" == */* ]]; then teacher_args+=(--teacher "$t")
     else teacher_args+=(--teacher "runs/resnet20_s${S}_$t.pt"); fi
   done
   name=distill-e$EPOCHS_DISTILL; [ "$DISTILL_LAMBDA" = 0 ] || name=$name-l$DISTILL_LAMBDA
