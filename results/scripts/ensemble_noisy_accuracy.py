@@ -52,8 +52,8 @@ def main() -> None:
             name = " + ".join(args.checkpoints[k].rsplit("/", 1)[-1] for k in members)
             ensemble = SoftmaxAverage([models[k] for k in members])
             rows[name] = evaluate(ensemble, split.x, split.y, args.sigma, seed=args.seed)
-    print(json.dumps({"sigma": args.sigma, "seed": args.seed, "split": args.split, "images": len(split.y),
-                      "noisy_accuracy": rows}, indent=2))  # fmt: skip
+    print(json.dumps({"sigma": args.sigma, "seed": args.seed, "split": args.split,
+                      "images": len(split.y), "noisy_accuracy": rows}, indent=2))  # fmt: skip
 
 
 if __name__ == "__main__":
