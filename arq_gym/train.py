@@ -39,7 +39,9 @@ quantizes. Every teacher costs one forward pass per noisy image.
 weights are loaded and a fresh cosine schedule runs for ``epochs`` more (a warm restart in the
 sense of SGDR, Loshchilov and Hutter 2017). The metadata records the parent's sha256 and
 ``total_epochs``, the epochs of the whole lineage. This is how the shipped ResNet-20 models were
-extended across sessions without retraining from scratch.
+extended across sessions without retraining from scratch. With ``init_other_sigma`` the parent
+may have been trained at another noise level (a noise curriculum: start sigma 1.0 from the sigma
+0.5 model, whose features were learnt on less corrupted images); ``parent_sigma`` is recorded.
 
 A resume file (``OUT.resume.pt``) is written atomically after every epoch; ``resume=True``
 continues from it. The final checkpoint at ``OUT`` is a state_dict with metadata.
@@ -82,6 +84,7 @@ class TrainConfig:
     device: str = "cpu"
     train_images: int | None = None  # use only K evenly spaced training images (quick runs)
     init: str | None = None  # warm start: a checkpoint whose weights training starts from
+    init_other_sigma: bool = False  # accept an init checkpoint trained at another sigma
     consistency: float = 0.0  # lambda of the consistency regulariser (0: plain Gaussian noise)
     noise_copies: int = 2  # m: noisy copies of every image when consistency > 0
     consistency_eta: float = 0.5  # weight of the entropy of the copies' mean prediction
@@ -195,11 +198,14 @@ def _load_parent(cfg: TrainConfig, dataset: str, model: torch.nn.Module) -> dict
     parent, meta = load_checkpoint(cfg.init)
     mine = (cfg.model, dataset, float(cfg.sigma))
     theirs = (meta["architecture"], meta.get("dataset"), float(meta["sigma"]))
+    if cfg.init_other_sigma:
+        mine, theirs = mine[:2] + (None,), theirs[:2] + (None,)
     if mine != theirs:
         raise ValueError(f"--init checkpoint {cfg.init} is {theirs} (architecture, dataset, sigma); "
                          f"this run trains {mine}")
     model.load_state_dict(parent.state_dict())
-    return {"sha256": meta["sha256"], "total_epochs": int(meta.get("total_epochs", meta["epochs"]))}
+    return {"sha256": meta["sha256"], "sigma": float(meta["sigma"]),
+            "total_epochs": int(meta.get("total_epochs", meta["epochs"]))}
 
 
 def train(cfg: TrainConfig, out: str | os.PathLike, data_dir=None, resume: bool = False,
@@ -346,6 +352,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir=None, resume: bool 
         "epochs": cfg.epochs,
         "total_epochs": cfg.epochs + (parent["total_epochs"] if parent else 0),
         "parent_sha256": parent["sha256"] if parent else None,
+        "parent_sigma": parent["sigma"] if parent else None,
         # the parent is named by parent_sha256; its file name only, no folder of this machine
         "config": asdict(cfg) | {"init": Path(cfg.init).name if cfg.init else None,
                                  "teachers": [Path(t).name for t in cfg.teachers]},

@@ -223,6 +223,12 @@ def test_warm_start_records_lineage_and_checks_the_parent(tmp_path, data_dir, on
     assert main(["train", "--model", "lenet5", "--sigma", "0.25", "--epochs", "1", "--init", str(wrong),
                  "--out", str(tmp_path / "bad.pt"), "--data-dir", str(data_dir)]) == 2
     assert "--init checkpoint" in capsys.readouterr().err and not (tmp_path / "bad.pt").exists()
+    # a noise curriculum opts in to a parent of another sigma, and the lineage says which
+    assert main(["train", "--model", "lenet5", "--sigma", "0.25", "--epochs", "1", "--init", str(wrong),
+                 "--init-other-sigma", "--train-images", "500", "--out", str(tmp_path / "cur.pt"),
+                 "--data-dir", str(data_dir)]) == 0
+    _, meta = load_checkpoint(tmp_path / "cur.pt")
+    assert meta["sigma"] == 0.25 and meta["parent_sigma"] == 0.5
 
 
 def test_consistency_loss_is_cross_entropy_when_copies_agree_and_penalises_disagreement():

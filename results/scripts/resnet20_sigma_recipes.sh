@@ -23,6 +23,11 @@
 #                is a checkpoint path, e.g. runs/resnet56_s1.0_scratch-e36.pt), with the consistency
 #                regulariser at lambda DISTILL_LAMBDA (0: none). Named distill-eE (-lL with it),
 #                followed by DISTILL_TAG (default empty; e.g. "-t3" for another teacher set).
+#   curriculum:  EPOCHS_CURRICULUM (0: skipped) epochs of Gaussian noise at sigma S from the shipped
+#                model of sigma CURRICULUM_FROM (default 0.5), lr 0.05 (a noise curriculum, `arq-gym
+#                train --init-other-sigma`: features learnt on less corrupted images first), named
+#                curriculum-eE; then CURRICULUM_CONS (0: none) epochs of the consistency regulariser
+#                at lambda CURRICULUM_LAMBDA (2) from it, lr 0.05, named curriculum-eE-lL.
 # RECIPES (default "plain consistency swa") picks which families run.
 # The others start from the shipped model of sigma S (default 1.0) with a fresh cosine schedule
 # from lr 0.05. Each candidate and the shipped model are then certified alike on 500 held-out
@@ -46,6 +51,10 @@ DISTILL_ALPHA=${DISTILL_ALPHA:-0.5}
 TEACHERS=${TEACHERS:-shipped scratch-e80}
 DISTILL_LAMBDA=${DISTILL_LAMBDA:-0}
 DISTILL_TAG=${DISTILL_TAG:-}
+EPOCHS_CURRICULUM=${EPOCHS_CURRICULUM:-0}
+CURRICULUM_FROM=${CURRICULUM_FROM:-0.5}
+CURRICULUM_CONS=${CURRICULUM_CONS:-0}
+CURRICULUM_LAMBDA=${CURRICULUM_LAMBDA:-2}
 RECIPES=${RECIPES:-plain consistency swa}
 SHIPPED=arq_gym/models/weights/resnet20_cifar10_s$S.pt
 OUT=results/experiments/sigma_recipes/s$S
@@ -105,6 +114,17 @@ if [[ " $RECIPES " == *" distill "* ]] && [ "$EPOCHS_DISTILL" -gt 0 ]; then
   train "$name" --epochs "$EPOCHS_DISTILL" --distill "$DISTILL_ALPHA" "${teacher_args[@]}" \
     --consistency "$DISTILL_LAMBDA"
   certify "$name" "runs/resnet20_s${S}_$name.pt"
+fi
+if [[ " $RECIPES " == *" curriculum "* ]] && [ "$EPOCHS_CURRICULUM" -gt 0 ]; then
+  name=curriculum-e$EPOCHS_CURRICULUM
+  train "$name" --epochs "$EPOCHS_CURRICULUM" --lr 0.05 --init-other-sigma \
+    --init "arq_gym/models/weights/resnet20_cifar10_s$CURRICULUM_FROM.pt"
+  certify "$name" "runs/resnet20_s${S}_$name.pt"
+  if [ "$CURRICULUM_CONS" -gt 0 ]; then
+    train "$name-l$CURRICULUM_LAMBDA" --epochs "$CURRICULUM_CONS" --lr 0.05 \
+      --init "runs/resnet20_s${S}_$name.pt" --consistency "$CURRICULUM_LAMBDA"
+    certify "$name-l$CURRICULUM_LAMBDA" "runs/resnet20_s${S}_$name-l$CURRICULUM_LAMBDA.pt"
+  fi
 fi
 python - "$OUT" <<'PY'
 import json, sys

@@ -42,6 +42,8 @@ def _add_train(p):
     p.add_argument("--init", default=None, metavar="CKPT",
                    help="warm start from this checkpoint (same model, dataset, sigma); a fresh "
                         "cosine schedule of --epochs follows")
+    p.add_argument("--init-other-sigma", action="store_true",
+                   help="let --init start from a model of another sigma (a noise curriculum)")
 
 
 @command("train", "train a base model with Gaussian noise augmentation")(_add_train)
@@ -52,6 +54,7 @@ def cmd_train(args) -> dict:
                       batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       bf16=not args.no_bf16, device=args.device,
                       train_images=args.train_images, init=args.init,
+                      init_other_sigma=args.init_other_sigma,
                       consistency=args.consistency, noise_copies=args.noise_copies,
                       consistency_eta=args.consistency_eta, swa_epochs=args.swa_epochs,
                       swa_lr=args.swa_lr, teachers=tuple(args.teacher),
