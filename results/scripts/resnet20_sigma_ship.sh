@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 20, step 2: ship the ResNet-20 of sigma S that won the model selection of
-# resnet20_sigma_recipes.sh (RECIPE: plain, consistency-lL, swa-lL or scratch-eE, a checkpoint in runs/), then
+# resnet20_sigma_recipes.sh (RECIPE: the candidate's name, e.g. plain, consistency-lL, swa-lL,
+# scratch-eE, distill-eE-lL or curriculum-eE-lL: the checkpoint runs/resnet20_sS_RECIPE.pt), then
 #   1. replace the shipped model (its sha256 joins the manifest's previous_sha256, its IRS caches
 #      go) and move the old model's test certification to results/certify/superseded/, named
 #      with the first 8 hex digits of the old model's sha256;
@@ -11,7 +12,7 @@
 #   S=1.0 RECIPE=consistency-l2 bash results/scripts/resnet20_sigma_ship.sh
 set -euo pipefail
 S=${S:?set S, the noise level (0.5 or 1.0)}
-RECIPE=${RECIPE:?set RECIPE, the winning candidate (plain, consistency-lL, swa-lL or scratch-eE)}
+RECIPE=${RECIPE:?set RECIPE, the winning candidate (e.g. consistency-l2 or curriculum-e30-l2)}
 CKPT=runs/resnet20_s${S}_$RECIPE.pt
 OUT=results/experiments/sigma_recipes/s$S
 C=results/certify/resnet20_cifar10_s${S}_test500_n10000
